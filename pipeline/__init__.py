@@ -1,0 +1,1 @@
+"""Orchestration only: manifest schema, run context, runner, status and the CLI (`python -m pipeline`)."""

@@ -1,0 +1,103 @@
+"""Command line: `python -m pipeline validate|plan|run|status MANIFEST` (also installed as `mcip`).
+
+    python -m pipeline validate examples/demo.yaml
+    python -m pipeline plan examples/demo.yaml
+    python -m pipeline run examples/demo.yaml [--stage S | --from S] [--force] [--retry-failed]
+    python -m pipeline status examples/demo.yaml [--json]
+
+Exit code 0 on success; otherwise one line `error: ...` on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline import logs
+from pipeline.context import context_from_env
+from pipeline.manifest import STAGE_ORDER, ManifestError, load_manifest
+from pipeline.runner import check_inputs, run_stages, select_stages, stage_status
+from shards.tables import TableError
+from stages.base import StageConfigError
+
+log = logging.getLogger("pipeline")
+KNOWN_ERRORS = (ManifestError, StageConfigError, TableError, RuntimeError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcip", description="MCIP caption-shard pipeline")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("validate", "check the manifest and its inputs"),
+                       ("plan", "what would run: stages, units pending/done"),
+                       ("status", "per stage: units done/total, samples ok/failed")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("manifest")
+        if name == "status":
+            cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    run = sub.add_parser("run", help="run the stages (resumes where they stopped)")
+    run.add_argument("manifest")
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--stage", choices=STAGE_ORDER, help="run only this stage")
+    which.add_argument("--from", dest="start", choices=STAGE_ORDER, help="run this stage and the later ones")
+    run.add_argument("--force", action="store_true", help="redo units made with other settings")
+    run.add_argument("--retry-failed", action="store_true",
+                     help="download: re-download the rows that failed into extra shards")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        manifest = load_manifest(args.manifest)
+        ctx = context_from_env(manifest.run.root, manifest.run.seed, force=getattr(args, "force", False))
+        logs.setup_logging(ctx.rank, ctx.world_size, args.verbose)
+        return COMMANDS[args.command](args, manifest, ctx)
+    except KNOWN_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _validate(args, manifest, ctx) -> int:
+    check_inputs(manifest)
+    print(f"{args.manifest}: ok (stages: {', '.join(manifest.configured_stages()) or 'none'})")
+    return 0
+
+
+def _plan(args, manifest, ctx) -> int:
+    check_inputs(manifest)
+    print(f"run root: {manifest.run.root}")
+    for name in manifest.configured_stages():
+        status = stage_status(manifest, name)
+        more = f", {status.units_stale} made with other settings (need --force)" if status.units_stale else ""
+        print(f"{name}: {status.units_total} units, {status.units_done} done, "
+              f"{status.units_total - status.units_done} pending{more}")
+    return 0
+
+
+def _status(args, manifest, ctx) -> int:
+    statuses = [stage_status(manifest, name) for name in manifest.configured_stages()]
+    if args.json:
+        print(json.dumps({s.stage: s.to_dict() for s in statuses}, indent=2))
+        return 0
+    for s in statuses:
+        counts = s.counts
+        print(f"{s.stage}: {s.units_done}/{s.units_total} units done; "
+              f"samples ok {counts.get('ok', 0)}, failed {counts.get('failed', 0)}"
+              + (" [complete]" if s.is_complete else ""))
+    return 0
+
+
+def _run(args, manifest, ctx) -> int:
+    names = select_stages(manifest, args.stage, args.start)
+    options = {}
+    if args.retry_failed:
+        if "download" not in names:
+            raise ManifestError("--retry-failed applies to the download stage, which is not selected")
+        options["download"] = {"retry_failed": True}
+    run_stages(manifest, ctx, names, options, on_stage=logs.set_stage)
+    return 0
+
+
+COMMANDS = {"validate": _validate, "plan": _plan, "status": _status, "run": _run}

@@ -1,0 +1,99 @@
+"""The launch manifest: YAML loaded strictly into pydantic models.
+
+Errors name the manifest file, the key path and the bad value, on one line:
+`demo.yaml: stages.download.samples_per_shard: must be > 0, got -3`.
+Relative paths are taken from the manifest's folder.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stages.base import ManifestPath
+from stages.download import DownloadConfig
+
+STAGE_ORDER = ("download",)
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message is one line naming file, key and value."""
+
+
+class RunSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    root: ManifestPath
+    seed: int = 0
+
+
+class StagesSection(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    download: DownloadConfig | None = None
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    run: RunSection
+    stages: StagesSection = Field(default_factory=StagesSection)
+
+    def configured_stages(self) -> list[str]:
+        return [name for name in STAGE_ORDER if getattr(self.stages, name) is not None]
+
+    def stage_config(self, name: str):
+        cfg = getattr(self.stages, name, None)
+        if cfg is None:
+            raise ManifestError(f"stage {name!r} is not configured in the manifest "
+                                f"(configured: {', '.join(self.configured_stages()) or 'none'})")
+        return cfg
+
+
+def load_manifest(path: Path) -> Manifest:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found") from None
+    except yaml.YAMLError as err:
+        raise ManifestError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: a manifest is a mapping with 'run' and 'stages', got {type(data).__name__}")
+    try:
+        return Manifest.model_validate(data, context={"base_dir": path.resolve().parent})
+    except ValidationError as err:
+        raise ManifestError(f"{path}: " + "; ".join(_describe(e) for e in err.errors())) from None
+
+
+_TEMPLATES = {
+    "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}", "less_than_equal": "must be <= {le}",
+    "extra_forbidden": "unknown key", "missing": "required key is missing",
+    "literal_error": "must be one of {expected}",
+}
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    template = _TEMPLATES.get(error["type"])
+    what = template.format(**error.get("ctx", {})) if template else _plain(error["msg"])
+    if error["type"] == "missing":
+        return f"{where}: {what}"
+    return f"{where}: {what}, got {error['input']!r}"
+
+
+def _plain(msg: str) -> str:
+    msg = msg.removeprefix("Value error, ")
+    return msg[:1].lower() + msg[1:]
+
+
+def resolved_yaml(manifest: Manifest, fingerprints: dict[str, str]) -> str:
+    """The manifest as run (absolute paths), with a fingerprint per stage."""
+    data = manifest.model_dump(mode="json", exclude_none=True)
+    data["fingerprints"] = fingerprints
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def manifest_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

@@ -1,0 +1,98 @@
+"""Runs stages in order and reports their state (`plan`, `status`).
+
+Each stage module offers `run(cfg, ctx, **options)`, `describe(cfg, root)`, `check_inputs(cfg)` and
+`merge_counts(markers)`;
+the unit bookkeeping itself (markers, fingerprints, rank split) is in `stages.base`.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.manifest import STAGE_ORDER, Manifest, resolved_yaml
+from shards import markers
+from shards.atomic import atomic_write
+from stages.base import RunContext, StageResult, fingerprint_of
+
+log = logging.getLogger(__name__)
+
+
+def stage_module(name: str):
+    if name not in STAGE_ORDER:
+        raise ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGE_ORDER)})")
+    return importlib.import_module(f"stages.{name}")
+
+
+def select_stages(manifest: Manifest, only: str | None = None, start: str | None = None) -> list[str]:
+    configured = manifest.configured_stages()
+    if only:
+        manifest.stage_config(only)
+        return [only]
+    if start:
+        manifest.stage_config(start)
+        return configured[configured.index(start):]
+    return configured
+
+
+def check_inputs(manifest: Manifest) -> None:
+    for name in manifest.configured_stages():
+        stage_module(name).check_inputs(manifest.stage_config(name))
+
+
+def run_stages(manifest: Manifest, ctx: RunContext, names: list[str],
+               options: dict[str, dict[str, Any]] | None = None, on_stage=None) -> list[StageResult]:
+    """Run `names` in order; stop at the first stage that is not complete after its run."""
+    check_inputs(manifest)  # before anything is written
+    if ctx.is_main:
+        _write_resolved_manifest(manifest, ctx.root)
+    results = []
+    for name in names:
+        if on_stage:
+            on_stage(name)
+        log.info("stage %s: start", name)
+        result = stage_module(name).run(manifest.stage_config(name), ctx, **(options or {}).get(name, {}))
+        results.append(result)
+        if not result.is_complete:
+            log.info("stage %s: %d/%d units done; later stages wait for it",
+                     name, result.units_done, result.units_total)
+            break
+    return results
+
+
+def _write_resolved_manifest(manifest: Manifest, root: Path) -> None:
+    fingerprints = {}
+    for name in manifest.configured_stages():
+        _, _, settings = stage_module(name).describe(manifest.stage_config(name), root)
+        fingerprints[name] = fingerprint_of(settings)
+    root.mkdir(parents=True, exist_ok=True)
+    with atomic_write(root / "manifest.resolved.yaml", "w") as handle:
+        handle.write(resolved_yaml(manifest, fingerprints))
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    units_total: int
+    units_done: int
+    units_stale: int
+    pending: list[str] = field(default_factory=list)
+    counts: dict[str, Any] = field(default_factory=dict)
+    is_complete: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stage_status(manifest: Manifest, name: str) -> StageStatus:
+    """Units done/total (done = marker with the current fingerprint) and merged counts."""
+    module = stage_module(name)
+    folder, units, settings = module.describe(manifest.stage_config(name), manifest.run.root)
+    fingerprint = fingerprint_of(settings)
+    found = markers.read_markers(folder, units)
+    done = {u: m for u, m in found.items() if m.get("fingerprint") == fingerprint}
+    return StageStatus(stage=name, units_total=len(units), units_done=len(done),
+                       units_stale=len(found) - len(done), pending=[u for u in units if u not in done],
+                       counts=module.merge_counts(list(done.values())), is_complete=len(done) == len(units))

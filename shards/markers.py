@@ -1,0 +1,59 @@
+"""Completion markers: `<stage dir>/_done/<unit>.json`, written last, by rename.
+
+A unit is done when its marker exists and its fingerprint matches the current one. The marker
+also keeps the settings that made the fingerprint, so a mismatch can say what changed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from shards.atomic import remove_orphans, write_json_atomic
+
+DONE_DIR = "_done"
+SUCCESS_FILE = "_SUCCESS.json"
+
+
+def marker_path(stage_dir: Path, unit: str) -> Path:
+    return Path(stage_dir) / DONE_DIR / f"{unit}.json"
+
+
+def write_marker(stage_dir: Path, unit: str, payload: dict[str, Any]) -> None:
+    write_json_atomic(marker_path(stage_dir, unit), payload)
+
+
+def read_marker(stage_dir: Path, unit: str) -> dict[str, Any] | None:
+    path = marker_path(stage_dir, unit)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: marker is not valid JSON ({err}); delete it to redo the unit") from err
+
+
+def read_markers(stage_dir: Path, units: list[str]) -> dict[str, dict[str, Any]]:
+    """Markers that exist among `units`, by unit."""
+    found = {}
+    for unit in units:
+        marker = read_marker(stage_dir, unit)
+        if marker is not None:
+            found[unit] = marker
+    return found
+
+
+def remove_marker(stage_dir: Path, unit: str) -> None:
+    marker_path(stage_dir, unit).unlink(missing_ok=True)
+
+
+def remove_marker_orphans(stage_dir: Path) -> None:
+    remove_orphans(Path(stage_dir) / DONE_DIR)
+
+
+def write_success(stage_dir: Path, payload: dict[str, Any]) -> None:
+    write_json_atomic(Path(stage_dir) / SUCCESS_FILE, payload)
+
+
+def clear_success(stage_dir: Path) -> None:
+    (Path(stage_dir) / SUCCESS_FILE).unlink(missing_ok=True)

@@ -1,0 +1,86 @@
+"""Tar shards: deterministic writing (sorted keys, fixed mtime) and complete reading.
+
+`read_tar_samples` reads a whole tar and raises `TruncatedTarError` on a cut-off file, so a tar
+that a killed downloader left half-written is never accepted.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterable
+
+from shards.atomic import commit_tmp, tmp_path_for
+
+Sample = dict[str, bytes]  # extension -> bytes, plus "__key__" -> key (str encoded)
+
+
+class TruncatedTarError(ValueError):
+    """A tar that ends early or is otherwise unreadable."""
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """`dir/000001.jpg -> ("dir/000001", "jpg")`: key is everything before the first dot of the basename."""
+    head, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext
+
+
+def read_tar_samples(path: Path) -> "OrderedDict[str, dict[str, bytes]]":
+    """All samples of a tar, grouped by key in file order; raises TruncatedTarError if cut off."""
+    samples: OrderedDict[str, dict[str, bytes]] = OrderedDict()
+    try:
+        with tarfile.open(path, "r:") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                key, ext = split_member_name(member.name)
+                data = archive.extractfile(member).read()
+                if len(data) != member.size:
+                    raise TruncatedTarError(f"{path}: member {member.name} is cut off")
+                samples.setdefault(key, {})[ext] = data
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise TruncatedTarError(f"{path}: unreadable tar ({err})") from err
+    return samples
+
+
+def write_tar_atomic(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> dict:
+    """Write samples (key, {ext: bytes}) in the given order; return size, sha256 and count.
+
+    Members get mtime 0 and root ownership, so equal samples give byte-identical tars.
+    """
+    path = Path(path)
+    tmp = tmp_path_for(path)
+    count = 0
+    try:
+        with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+            for key, fields in samples:
+                for ext in sorted(fields):
+                    _add_member(archive, f"{key}.{ext}", fields[ext])
+                count += 1
+        digest = file_sha256(tmp)
+        size = tmp.stat().st_size
+        commit_tmp(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"samples": count, "tar_bytes": size, "tar_sha256": digest}
+
+
+def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    info.uname = info.gname = "root"
+    archive.addfile(info, io.BytesIO(data))
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,210 @@
+"""The download stage's engine: img2dataset into a staging folder, then checked shards into `images/`.
+
+img2dataset writes its tars in place, so a killed run can leave a truncated tar (img2dataset #164).
+Here it writes under `images/_staging/rank-R/`; a watcher thread picks up each shard as soon as
+img2dataset writes its `_stats.json` (after closing the tar), reads the tar back in full, checks its
+sample count against the stats, rewrites it with stable keys (`.cls` added, samples sorted by key)
+under a temporary name, renames it to `images/<shard>.tar` and only then writes the marker.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from shards.naming import shard_name
+from shards.tables import read_parquet, write_parquet_atomic
+from shards.tars import TruncatedTarError, read_tar_samples, write_tar_atomic
+from stages.base import RunContext, UnitPlan
+
+ROW_COLUMN = "mcip_row"
+POLL_S = 0.2
+
+
+class ShardCheckError(RuntimeError):
+    """img2dataset's output for a shard failed our checks; the shard stays pending."""
+
+
+def download_units(cfg, table: pa.Table, jobs: list[tuple[str, list[int]]], plan: UnitPlan,
+                   out: Path, ctx: RunContext) -> dict[str, Any]:
+    """Download `jobs` ((unit, rows) pairs) and mark each finished unit done; return run stats."""
+    from stages.download import row_key
+
+    staging = out / "_staging" / f"rank-{ctx.rank:05d}"
+    progress = tqdm(total=len(jobs), unit="shard", desc="download", disable=not ctx.is_main)
+    started, images_ok, failures = time.monotonic(), 0, []
+    for call_index, group in enumerate(_aligned_groups(jobs, cfg.samples_per_shard)):
+        folder = staging / f"call-{call_index:04d}"
+        input_path = _write_input(table, group, folder)
+        finalizer = _Finalizer(cfg, table, group, folder / "out", out, plan, row_key, progress)
+        finalizer.start()
+        try:
+            _call_img2dataset(cfg, input_path, folder / "out", "caption" in table.column_names)
+        finally:
+            finalizer.stop_and_sweep()
+        images_ok += finalizer.images_ok
+        failures += finalizer.failures
+        shutil.rmtree(folder, ignore_errors=True)
+    progress.close()
+    shutil.rmtree(staging, ignore_errors=True)
+    if failures:
+        raise ShardCheckError(f"{len(failures)} shard(s) failed checks and stay pending: " + "; ".join(failures))
+    elapsed = time.monotonic() - started
+    return {"images_ok": images_ok, "seconds": elapsed, "images_per_s": images_ok / max(elapsed, 1e-9)}
+
+
+def _aligned_groups(jobs, per_shard: int):
+    """Split jobs so that inside a group every unit but the last has exactly `per_shard` rows:
+    then img2dataset's shard j of the group is exactly our unit j."""
+    group = []
+    for job in jobs:
+        group.append(job)
+        if len(job[1]) != per_shard:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _write_input(table: pa.Table, group, folder: Path) -> Path:
+    rows = [row for _, unit_rows in group for row in unit_rows]
+    subset = table.take(pa.array(rows, pa.int64())).append_column(ROW_COLUMN, pa.array(rows, pa.int64()))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "input.parquet"
+    write_parquet_atomic(subset.drop_columns([c for c in ("cls",) if c in subset.column_names]), path)
+    return path
+
+
+def _call_img2dataset(cfg, input_path: Path, output: Path, has_caption: bool) -> None:
+    # albumentations (imported by img2dataset) otherwise asks PyPI for updates in every worker
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import img2dataset
+
+    img2dataset.download(
+        url_list=str(input_path), input_format="parquet", url_col="url",
+        caption_col="caption" if has_caption else None, save_additional_columns=[ROW_COLUMN],
+        output_folder=str(output), output_format="webdataset", oom_shard_count=6,
+        image_size=cfg.image_size, resize_mode=cfg.resize_mode, encode_quality=cfg.encode_quality,
+        encode_format="jpg", number_sample_per_shard=cfg.samples_per_shard,
+        processes_count=cfg.processes, thread_count=cfg.threads, timeout=cfg.timeout_s,
+        retries=cfg.retries, extract_exif=False, compute_hash="sha256", enable_wandb=False,
+        max_image_area=cfg.max_image_area or float("inf"), incremental_mode="incremental",
+        distributor="multiprocessing")
+
+
+def _by_reason(status_dict: dict[str, int]) -> dict[str, int]:
+    reasons: dict[str, int] = {}
+    for message, n in status_dict.items():
+        reason = failure_reason(message)
+        reasons[reason] = reasons.get(reason, 0) + n
+    return reasons
+
+
+class _Finalizer(threading.Thread):
+    """Watches a staging folder and moves each shard img2dataset finishes into place."""
+
+    def __init__(self, cfg, table, group, staging_out: Path, out: Path, plan: UnitPlan, row_key, progress):
+        super().__init__(daemon=True, name="download-finalizer")
+        self.cfg, self.table, self.group, self.staging_out = cfg, table, group, staging_out
+        self.out, self.plan, self.row_key, self.progress = out, plan, row_key, progress
+        self.pending = set(range(len(group)))
+        self.images_ok = 0
+        self.failures: list[str] = []
+        self._stop_event = threading.Event()
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while not self._stop_event.is_set():
+                self._sweep()
+                self._stop_event.wait(POLL_S)
+        except BaseException as err:  # surfaced by stop_and_sweep in the main thread
+            self._error = err
+
+    def stop_and_sweep(self) -> None:
+        self._stop_event.set()
+        self.join()
+        if self._error is not None:
+            raise self._error
+        self._sweep()
+
+    def _sweep(self) -> None:
+        for j in sorted(self.pending):
+            if (self.staging_out / f"{shard_name(j)}_stats.json").exists():
+                self.pending.discard(j)
+                self._finalize(j)
+
+    def _finalize(self, j: int) -> None:
+        unit, _ = self.group[j]
+        try:
+            payload = self._move_into_place(j, unit)
+        except (ShardCheckError, TruncatedTarError) as err:
+            self.failures.append(str(err))
+            return
+        self.plan.mark_done(unit, payload)
+        self.images_ok += payload["counts"]["ok"]
+        self.progress.update(1)
+
+    def _move_into_place(self, j: int, unit: str) -> dict[str, Any]:
+        name = shard_name(j)
+        stats = json.loads((self.staging_out / f"{name}_stats.json").read_text())
+        samples = read_tar_samples(self.staging_out / f"{name}.tar")
+        if sum(1 for s in samples.values() if "jpg" in s) != stats["successes"]:
+            raise ShardCheckError(f"shard {unit}: tar holds {len(samples)} images, "
+                                  f"img2dataset reported {stats['successes']}")
+        tar_info = write_tar_atomic(self.out / f"{unit}.tar", self._rekeyed(samples.values()))
+        self._write_sidecar(name, unit)
+        failed = {reason: n for reason, n in stats["status_dict"].items() if reason != "success"}
+        counts = {"rows": stats["count"], "ok": stats["successes"], "failed": stats["count"] - stats["successes"],
+                  "failed_by_reason": _by_reason(failed)}
+        kind = "retry" if int(unit) * self.cfg.samples_per_shard >= self.table.num_rows else "base"
+        return {"kind": kind, "counts": counts, "tar_bytes": tar_info["tar_bytes"],
+                "tar_sha256": tar_info["tar_sha256"], "seconds": stats["duration"]}
+
+    def _rekeyed(self, samples):
+        has_cls = "cls" in self.table.column_names
+        rekeyed = []
+        for fields in samples:
+            meta = json.loads(fields["json"])
+            row = int(meta.pop(ROW_COLUMN))
+            meta["key"] = self.row_key(row)
+            new = {"jpg": fields["jpg"], "json": json.dumps(meta, sort_keys=True).encode()}
+            if "txt" in fields:
+                new["txt"] = fields["txt"]
+            if has_cls:
+                new["cls"] = str(self.table["cls"][row].as_py()).encode()
+            rekeyed.append((meta["key"], new))
+        return sorted(rekeyed)
+
+    def _write_sidecar(self, name: str, unit: str) -> None:
+        status = read_parquet(self.staging_out / f"{name}.parquet")
+        keys = pa.array([self.row_key(r) for r in status[ROW_COLUMN].to_pylist()], pa.string())
+        status = status.set_column(status.column_names.index("key"), "key", keys)
+        status = status.take(pc.sort_indices(status, [("key", "ascending")]))
+        write_parquet_atomic(status.drop_columns([ROW_COLUMN]), self.out / f"{unit}.parquet")
+
+
+_REASONS = (  # (substring of img2dataset's error message, reason shown in counts)
+    ("Image decoding error", "not a decodable image"), ("loadsave.cpp", "image too large"),
+    ("unknown url type", "bad url"), ("no host given", "bad url"), ("timed out", "timeout"),
+    ("Connection refused", "connection refused"), ("image too small", "image too small"),
+)
+
+
+def failure_reason(message: str, width: int = 60) -> str:
+    """A short, countable reason for img2dataset's error message (the full text stays in the parquet)."""
+    if message.startswith("HTTP Error "):
+        return "http " + message.split()[2].rstrip(":")
+    for needle, reason in _REASONS:
+        if needle in message:
+            return reason
+    message = " ".join(message.split())
+    return message if len(message) <= width else message[: width - 3] + "..."

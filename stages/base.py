@@ -1,0 +1,166 @@
+"""What every stage shares: the run context, typed results, manifest paths, fingerprints and the
+unit bookkeeping (which units are done, which are this rank's, mismatch checks, _SUCCESS.json).
+
+Stages import this; `pipeline` builds the `RunContext` from the environment and calls the stages.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo, WrapValidator
+
+from shards import markers
+from shards.naming import rank_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Who this process is and where the run lives; built once, passed explicitly."""
+
+    root: Path
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    force: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class StageResult:
+    stage: str
+    units_total: int
+    units_done: int
+    units_run: int
+    counts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_complete(self) -> bool:
+        return self.units_done == self.units_total
+
+
+class StageConfigError(ValueError):
+    """A stage setting that validation could not catch (e.g. a column missing from a table)."""
+
+
+def _resolve_against_manifest(value: Any, handler, info: ValidationInfo) -> Path:
+    path = Path(handler(value)).expanduser()
+    base = (info.context or {}).get("base_dir")
+    return path if path.is_absolute() or base is None else (Path(base) / path)
+
+
+# A path in a manifest: relative paths are taken from the manifest's folder.
+ManifestPath = Annotated[Path, WrapValidator(_resolve_against_manifest)]
+
+
+class StageConfig(BaseModel):
+    """Base of stage configs: unknown keys are errors.
+
+    Fields in `NOT_IN_FINGERPRINT` (speed knobs such as processes or batch size, and input paths
+    whose content is hashed instead) stay out of the fingerprint, so a resumed run may use other
+    hardware or a moved input file.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset()
+
+    def fingerprint_settings(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=set(self.NOT_IN_FINGERPRINT))
+
+
+def fingerprint_of(settings: dict[str, Any]) -> str:
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class UnitPlan:
+    """The state of a stage's units for this rank."""
+
+    stage_dir: Path
+    fingerprint: str
+    settings: dict[str, Any]
+    units: list[str]
+    done: dict[str, dict[str, Any]]
+    mine: list[str]
+
+    @property
+    def pending(self) -> list[str]:
+        return [u for u in self.units if u not in self.done]
+
+    def mark_done(self, unit: str, payload: dict[str, Any]) -> None:
+        """Write the unit's marker (last, by rename) with the fingerprint and its settings."""
+        marker = {"unit": unit, "fingerprint": self.fingerprint, "settings": self.settings,
+                  "finished_at": time.time(), **payload}
+        markers.write_marker(self.stage_dir, unit, marker)
+        self.done[unit] = marker
+
+
+def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(set(old) | set(new))
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return ", ".join(changed) or "the stage's output format version"
+
+
+def plan_units(stage: str, stage_dir: Path, units: list[str], settings: dict[str, Any],
+               ctx: RunContext) -> UnitPlan:
+    """Read markers, check fingerprints, and pick this rank's pending units.
+
+    A done unit made with other settings is an error naming what changed; with `ctx.force` its
+    marker is removed so the unit is redone.
+    """
+    fingerprint = fingerprint_of(settings)
+    done = markers.read_markers(stage_dir, units)
+    stale = {u: m for u, m in done.items() if m.get("fingerprint") != fingerprint}
+    if stale and not ctx.force:
+        example = next(iter(stale.values()))
+        raise StageConfigError(
+            f"stage {stage}: {len(stale)} done unit(s) in {stage_dir} were made with other settings "
+            f"({describe_change(example.get('settings', {}), settings)}); "
+            "rerun with --force to redo them")
+    for unit in stale:
+        if unit in rank_split(units, ctx.rank, ctx.world_size):
+            markers.remove_marker(stage_dir, unit)
+        del done[unit]
+    mine = [u for u in rank_split(units, ctx.rank, ctx.world_size) if u not in done]
+    return UnitPlan(Path(stage_dir), fingerprint, settings, list(units), done, mine)
+
+
+def finish_stage(stage: str, plan: UnitPlan, units_run: int, merge_counts) -> StageResult:
+    """Re-read the markers; when every unit is done, write `_SUCCESS.json` with merged counts."""
+    plan.done = markers.read_markers(plan.stage_dir, plan.units)
+    current = {u: m for u, m in plan.done.items() if m.get("fingerprint") == plan.fingerprint}
+    counts = merge_counts([current[u] for u in plan.units if u in current])
+    result = StageResult(stage, len(plan.units), len(current), units_run, counts)
+    if result.is_complete:
+        markers.write_success(plan.stage_dir, {"stage": stage, "fingerprint": plan.fingerprint,
+                                               "units": len(plan.units), "counts": counts})
+    else:
+        markers.clear_success(plan.stage_dir)
+    return result
+
+
+def sum_counts(marker_list: list[dict[str, Any]], key: str = "counts") -> dict[str, Any]:
+    """Add up the numeric `counts` of markers; nested dicts (e.g. failures by reason) too."""
+    total: dict[str, Any] = {}
+    for marker in marker_list:
+        _add_into(total, marker.get(key, {}))
+    return total
+
+
+def _add_into(total: dict[str, Any], part: dict[str, Any]) -> None:
+    for name, value in part.items():
+        if isinstance(value, dict):
+            _add_into(total.setdefault(name, {}), value)
+        elif isinstance(value, (int, float)):
+            total[name] = total.get(name, 0) + value

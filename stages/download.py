@@ -1,0 +1,264 @@
+"""Download stage: a URL table -> webdataset tar shards under `<root>/images/`, with img2dataset.
+
+Reads  the URL table named by `stages.download.url_list` (parquet, csv, tsv or jsonl).
+Writes `images/<shard>.tar` (`<key>.jpg`, `.txt`, `.json`, `.cls`), `images/<shard>.parquet`
+       (per-row status), `images/_done/<shard>.json` (marker, last), `images/labels.json`,
+       `images/_index.json` (wids shard index) and `images/_SUCCESS.json` when all shards are done.
+Run    `python -m stages.download MANIFEST` (same as `python -m pipeline run MANIFEST --stage download`);
+       add `--retry-failed` to re-download only the rows that failed, into extra shards.
+
+Shard `i` holds rows `[i * samples_per_shard, (i + 1) * samples_per_shard)` of the table, and a
+sample's key is its row number (`000000042`), so keys never depend on which run made a shard.
+img2dataset writes into a private staging folder; a shard reaches `images/` only once its tar
+reads back complete and matches img2dataset's own count (see stages/_img2dataset.py).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, PositiveInt, field_validator
+
+from shards import markers
+from shards.atomic import remove_orphans, write_json_atomic
+from shards.index import write_shard_index
+from shards.naming import list_shards, shard_name
+from shards.tables import TableError, infer_format, read_parquet, read_table
+from stages.base import (ManifestPath, RunContext, StageConfig, StageConfigError, StageResult,
+                         finish_stage, plan_units, sum_counts)
+
+log = logging.getLogger(__name__)
+
+NAME = "download"
+FORMAT_VERSION = 1  # bump only when the meaning of the output changes
+RETRY_DIR = "_retries"
+
+
+class DownloadConfig(StageConfig):
+    """`stages.download` in the manifest."""
+
+    NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
+        {"url_list", "processes", "threads", "timeout_s", "retries"})
+
+    url_list: ManifestPath
+    input_format: Literal["parquet", "csv", "tsv", "jsonl"] | None = None
+    url_col: str = "url"
+    caption_col: str | None = None
+    label_col: str | None = None
+    image_size: PositiveInt = 256
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
+    encode_quality: int = Field(95, ge=1, le=100)
+    samples_per_shard: PositiveInt = 1000
+    max_image_area: float | None = Field(None, gt=0)
+    processes: PositiveInt = 4
+    threads: PositiveInt = 32
+    timeout_s: PositiveInt = 10
+    retries: int = Field(0, ge=0)
+
+    @field_validator("url_list")
+    @classmethod
+    def _url_list_exists(cls, path: Path) -> Path:
+        if not path.is_file():
+            raise ValueError(f"URL table not found: {path}")
+        return path
+
+    @property
+    def table_format(self) -> str:
+        return self.input_format or infer_format(self.url_list)
+
+
+@dataclass
+class UrlTable:
+    """The URL table as the stage uses it: url, caption (or None) and class index (or None)."""
+
+    table: pa.Table
+    labels: list[Any] | None
+    sha256: str
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+
+def stage_dir(root: Path) -> Path:
+    return Path(root) / "images"
+
+
+def row_key(row: int) -> str:
+    """The sample key of URL-table row `row`: stable across runs, retries and shard layouts."""
+    return f"{row:09d}"
+
+
+def load_url_table(cfg: DownloadConfig) -> UrlTable:
+    """Read and check the URL table; errors name the file and the column."""
+    wanted = [c for c in (cfg.url_col, cfg.caption_col, cfg.label_col) if c]
+    try:
+        raw = read_table(cfg.url_list, cfg.table_format, wanted)
+    except TableError as err:
+        raise StageConfigError(str(err)) from err
+    columns = {"url": pc.cast(raw[cfg.url_col], pa.string())}
+    if cfg.caption_col:
+        columns["caption"] = pc.cast(raw[cfg.caption_col], pa.string())
+    labels = None
+    if cfg.label_col:
+        columns["cls"], labels = _class_indexes(raw[cfg.label_col], cfg)
+    from shards.tars import file_sha256
+    return UrlTable(pa.table(columns), labels, file_sha256(cfg.url_list))
+
+
+def _class_indexes(column: pa.ChunkedArray, cfg: DownloadConfig) -> tuple[pa.Array, list[Any]]:
+    values = column.to_pylist()
+    missing = [i for i, v in enumerate(values) if v is None or v == ""]
+    if missing:
+        raise StageConfigError(f"{cfg.url_list}: column {cfg.label_col!r} is empty in row {missing[0]} "
+                               f"({len(missing)} rows without a label)")
+    kinds = {type(v) for v in values}
+    labels = sorted(set(values)) if len(kinds) == 1 else sorted(set(values), key=str)
+    index = {label: i for i, label in enumerate(labels)}
+    return pa.array([index[v] for v in values], pa.int64()), labels
+
+
+def unit_rows(unit: str, table_rows: int, cfg: DownloadConfig, root: Path) -> list[int]:
+    """Row numbers of a unit: a contiguous slice for base shards, a saved list for retry shards."""
+    index = int(unit)
+    base_count = math.ceil(table_rows / cfg.samples_per_shard)
+    if index < base_count:
+        start = index * cfg.samples_per_shard
+        return list(range(start, min(start + cfg.samples_per_shard, table_rows)))
+    import json
+    return json.loads((stage_dir(root) / RETRY_DIR / f"{unit}.json").read_text())["rows"]
+
+
+def list_units(table_rows: int, cfg: DownloadConfig, root: Path) -> list[str]:
+    base = [shard_name(i) for i in range(math.ceil(table_rows / cfg.samples_per_shard))]
+    retries = list_shards(stage_dir(root) / RETRY_DIR, ".json")
+    return base + [u for u in retries if int(u) >= len(base)]
+
+
+def settings_of(cfg: DownloadConfig, urls: UrlTable) -> dict[str, Any]:
+    return {**cfg.fingerprint_settings(), "url_list_sha256": urls.sha256, "format_version": FORMAT_VERSION}
+
+
+def describe(cfg: DownloadConfig, root: Path) -> tuple[Path, list[str], dict[str, Any]]:
+    """(stage folder, all units, fingerprinted settings): what `plan` and `status` need."""
+    urls = load_url_table(cfg)
+    return stage_dir(root), list_units(urls.num_rows, cfg, root), settings_of(cfg, urls)
+
+
+def check_inputs(cfg: DownloadConfig) -> None:
+    """Raise StageConfigError if the URL table cannot be used (called by `validate`)."""
+    load_url_table(cfg)
+
+
+def run(cfg: DownloadConfig, ctx: RunContext, retry_failed: bool = False) -> StageResult:
+    """Download this rank's pending shards; with `retry_failed`, first plan retry shards."""
+    from stages import _img2dataset
+
+    urls = load_url_table(cfg)
+    out = stage_dir(ctx.root)
+    settings = settings_of(cfg, urls)
+    plan = plan_units(NAME, out, list_units(urls.num_rows, cfg, ctx.root), settings, ctx)
+    if retry_failed:
+        if _plan_retry_round(cfg, ctx, plan.units, urls.num_rows, bool(plan.pending)):
+            plan = plan_units(NAME, out, list_units(urls.num_rows, cfg, ctx.root), settings, ctx)
+    _remove_leftovers(out, plan.mine, ctx)
+    if urls.labels is not None:
+        write_json_atomic(out / "labels.json", {"column": cfg.label_col, "labels": urls.labels})
+    jobs = [(unit, unit_rows(unit, urls.num_rows, cfg, ctx.root)) for unit in plan.mine]
+    stats = _img2dataset.download_units(cfg, urls.table, jobs, plan, out, ctx) if jobs else None
+    result = finish_stage(NAME, plan, len(jobs), merge_counts)
+    if result.is_complete:
+        _write_index(out, plan.units, plan.done)
+    _log_summary(result, stats)
+    return result
+
+
+def _remove_leftovers(out: Path, mine: list[str], ctx: RunContext) -> None:
+    """Temporary files of this rank's units and its staging folder, left by a crash."""
+    import shutil
+    for unit in mine:
+        remove_orphans(out, unit)
+    markers.remove_marker_orphans(out)
+    shutil.rmtree(_staging_root(out) / f"rank-{ctx.rank:05d}", ignore_errors=True)
+    if ctx.is_main and _staging_root(out).is_dir():
+        for folder in _staging_root(out).iterdir():  # ranks of an earlier, wider run
+            if folder.name.startswith("rank-") and int(folder.name[5:]) >= ctx.world_size:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _staging_root(out: Path) -> Path:
+    return out / "_staging"
+
+
+def _plan_retry_round(cfg: DownloadConfig, ctx: RunContext, units: list[str], table_rows: int,
+                      has_pending: bool) -> bool:
+    """Write retry-shard plans for rows that failed everywhere; True if new shards were planned."""
+    if has_pending:
+        log.info("retry-failed: finishing the pending shards first (they include earlier retries)")
+        return False
+    if not ctx.is_main:
+        raise StageConfigError("--retry-failed plans new shards on rank 0 only; run it with one task")
+    out = stage_dir(ctx.root)
+    failed = _rows_still_failing(out, units)
+    if not failed:
+        log.info("retry-failed: no failed rows to retry")
+        return False
+    first = max(int(u) for u in units) + 1 if units else 0
+    size = cfg.samples_per_shard
+    for n, start in enumerate(range(0, len(failed), size)):
+        write_json_atomic(out / RETRY_DIR / f"{shard_name(first + n)}.json",
+                          {"rows": failed[start:start + size]})
+    log.info("retry-failed: %d failed rows into %d new shard(s)", len(failed), math.ceil(len(failed) / size))
+    return True
+
+
+def _rows_still_failing(out: Path, units: list[str]) -> list[int]:
+    failed: set[int] = set()
+    succeeded: set[int] = set()
+    for unit in units:
+        table = read_parquet(out / f"{unit}.parquet", columns=["key", "status"]).to_pydict()
+        for key, status in zip(table["key"], table["status"]):
+            (succeeded if status == "success" else failed).add(int(key))
+    return sorted(failed - succeeded)
+
+
+def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over shards; a retry shard's successes recover rows counted failed in base shards."""
+    base = [m for m in done_markers if m.get("kind") != "retry"]
+    retry = [m for m in done_markers if m.get("kind") == "retry"]
+    counts = sum_counts(base)
+    recovered = sum_counts(retry).get("ok", 0)
+    counts["ok"] = counts.get("ok", 0) + recovered
+    counts["failed"] = counts.get("failed", 0) - recovered
+    counts["recovered_by_retry"] = recovered
+    return counts
+
+
+def _write_index(out: Path, units: list[str], done: dict[str, dict[str, Any]]) -> None:
+    entries = [{"url": f"{u}.tar", "nsamples": done[u]["counts"]["ok"], "filesize": done[u]["tar_bytes"],
+                "sha256": done[u]["tar_sha256"]} for u in units if u in done]
+    write_shard_index(out / "_index.json", entries)
+
+
+def _log_summary(result: StageResult, stats: dict[str, Any] | None) -> None:
+    counts = result.counts
+    reasons = Counter(counts.get("failed_by_reason", {}))
+    why = ", ".join(f"{r}: {n}" for r, n in reasons.most_common(5))
+    rate = f", {stats['images_per_s']:.1f} images/s this run" if stats else ""
+    log.info("download: %d/%d shards done (%d run now); %d ok, %d failed%s%s",
+             result.units_done, result.units_total, result.units_run, counts.get("ok", 0),
+             counts.get("failed", 0), f" [{why}]" if why else "", rate)
+
+
+if __name__ == "__main__":  # `python -m stages.download MANIFEST [--force] [--retry-failed]`
+    import sys
+
+    from pipeline.cli import main as pipeline_main
+
+    sys.exit(pipeline_main(["run", *sys.argv[1:2], "--stage", NAME, *sys.argv[2:]]))
