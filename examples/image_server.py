@@ -6,7 +6,8 @@ Used by the demo and the tests, so img2dataset really downloads over HTTP withou
 
 Paths: `/img/<n>.jpg` a deterministic picture for n; `/missing.jpg` 404; `/page.html` an HTML body
 with status 200; `/truncated.jpg` a JPEG cut off after its header; `/huge.png` a valid PNG header
-declaring 100000 x 100000 pixels (a decompression bomb).
+declaring 100000 x 100000 pixels (a decompression bomb); `/flaky/<n>.jpg` 503 on the first
+request for that path, the picture after; `/slow/<n>.jpg` the picture after 0.3 s.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import io
 import struct
 import threading
+import time
 import zlib
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -45,11 +47,20 @@ def bomb_png(side: int = 100_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def _picture_number(path: str, prefix: str) -> int | None:
+    stem = path[len(prefix):-4] if path.startswith(prefix) and path.endswith(".jpg") else ""
+    return int(stem) if stem.isdigit() else None
+
+
 class _Handler(BaseHTTPRequestHandler):
+    slow_s = 0.3
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         path = self.path.split("?")[0]
-        if path.startswith("/img/") and path.endswith(".jpg") and path[5:-4].isdigit():
-            return self._send(200, "image/jpeg", generated_jpeg(int(path[5:-4])))
+        for prefix in ("/img/", "/flaky/", "/slow/"):
+            n = _picture_number(path, prefix)
+            if n is not None:
+                return self._picture(prefix, path, n)
         if path == "/page.html":
             return self._send(200, "text/html", b"<html><body>not an image</body></html>")
         if path == "/truncated.jpg":
@@ -57,6 +68,14 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/huge.png":
             return self._send(200, "image/png", bomb_png())
         self._send(404, "text/plain", b"not found")
+
+    def _picture(self, prefix: str, path: str, n: int) -> None:
+        if prefix == "/flaky/" and path not in self.server.seen_flaky:
+            self.server.seen_flaky.add(path)
+            return self._send(503, "text/plain", b"try again")
+        if prefix == "/slow/":
+            time.sleep(self.slow_s)
+        self._send(200, "image/jpeg", generated_jpeg(n))
 
     def _send(self, code: int, kind: str, body: bytes) -> None:
         self.send_response(code)
@@ -75,6 +94,7 @@ class ImageServer:
     def __init__(self, port: int = 0) -> None:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
         self.httpd.daemon_threads = True
+        self.httpd.seen_flaky = set()  # per server, so each test starts with fresh flaky paths
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

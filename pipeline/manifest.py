@@ -6,7 +6,6 @@ Relative paths are taken from the manifest's folder.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +83,8 @@ def _describe(error: dict[str, Any]) -> str:
 
 
 def _plain(msg: str) -> str:
-    msg = msg.removeprefix("Value error, ")
+    if msg.startswith("Value error, "):  # our own validators' text, kept as written
+        return msg.removeprefix("Value error, ")
     return msg[:1].lower() + msg[1:]
 
 
@@ -94,6 +94,3 @@ def resolved_yaml(manifest: Manifest, fingerprints: dict[str, str]) -> str:
     data["fingerprints"] = fingerprints
     return yaml.safe_dump(data, sort_keys=False)
 
-
-def manifest_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

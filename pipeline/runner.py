@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.manifest import STAGE_ORDER, Manifest, resolved_yaml
 from shards import markers
-from shards.atomic import atomic_write
+from shards.atomic import write_text_atomic
 from stages.base import RunContext, StageResult, fingerprint_of
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,7 @@ def _write_resolved_manifest(manifest: Manifest, root: Path) -> None:
     for name in manifest.configured_stages():
         _, _, settings = stage_module(name).describe(manifest.stage_config(name), root)
         fingerprints[name] = fingerprint_of(settings)
-    root.mkdir(parents=True, exist_ok=True)
-    with atomic_write(root / "manifest.resolved.yaml", "w") as handle:
-        handle.write(resolved_yaml(manifest, fingerprints))
+    write_text_atomic(root / "manifest.resolved.yaml", resolved_yaml(manifest, fingerprints))
 
 
 @dataclass

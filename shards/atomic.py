@@ -53,10 +53,22 @@ def commit_tmp(tmp: Path, path: Path) -> None:
     _fsync_dir(Path(path).parent)
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> bool:
+    """Write `text` atomically unless the file already holds exactly it (so a rerun rewrites
+    nothing); return whether it wrote."""
+    path = Path(path)
+    try:
+        if path.read_text() == text:
+            return False
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
     with atomic_write(path, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+        handle.write(text)
+    return True
+
+
+def write_json_atomic(path: Path, payload: Any) -> bool:
+    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def remove_orphans(folder: Path, prefix: str = "") -> list[Path]:

@@ -44,7 +44,7 @@ def download_units(cfg, table: pa.Table, jobs: list[tuple[str, list[int]]], plan
     for call_index, group in enumerate(_aligned_groups(jobs, cfg.samples_per_shard)):
         folder = staging / f"call-{call_index:04d}"
         input_path = _write_input(table, group, folder)
-        finalizer = _Finalizer(cfg, table, group, folder / "out", out, plan, row_key, progress)
+        finalizer = _Finalizer(cfg, table, group, folder / "out", out, plan, row_key, progress, ctx.rank)
         finalizer.start()
         try:
             _call_img2dataset(cfg, input_path, folder / "out", "caption" in table.column_names)
@@ -111,10 +111,11 @@ def _by_reason(status_dict: dict[str, int]) -> dict[str, int]:
 class _Finalizer(threading.Thread):
     """Watches a staging folder and moves each shard img2dataset finishes into place."""
 
-    def __init__(self, cfg, table, group, staging_out: Path, out: Path, plan: UnitPlan, row_key, progress):
+    def __init__(self, cfg, table, group, staging_out: Path, out: Path, plan: UnitPlan, row_key, progress,
+                 rank: int):
         super().__init__(daemon=True, name="download-finalizer")
         self.cfg, self.table, self.group, self.staging_out = cfg, table, group, staging_out
-        self.out, self.plan, self.row_key, self.progress = out, plan, row_key, progress
+        self.out, self.plan, self.row_key, self.progress, self.rank = out, plan, row_key, progress, rank
         self.pending = set(range(len(group)))
         self.images_ok = 0
         self.failures: list[str] = []
@@ -166,7 +167,7 @@ class _Finalizer(threading.Thread):
         counts = {"rows": stats["count"], "ok": stats["successes"], "failed": stats["count"] - stats["successes"],
                   "failed_by_reason": _by_reason(failed)}
         kind = "retry" if int(unit) * self.cfg.samples_per_shard >= self.table.num_rows else "base"
-        return {"kind": kind, "counts": counts, "tar_bytes": tar_info["tar_bytes"],
+        return {"kind": kind, "rank": self.rank, "counts": counts, "tar_bytes": tar_info["tar_bytes"],
                 "tar_sha256": tar_info["tar_sha256"], "seconds": stats["duration"]}
 
     def _rekeyed(self, samples):

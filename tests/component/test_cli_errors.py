@@ -1,0 +1,55 @@
+"""Bad manifests and inputs through the real CLI: one-line error, non-zero exit, nothing written."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tests.conftest import run_cli, write_manifest, write_url_table
+
+
+def _manifest(tmp_path, **download):
+    write_url_table(tmp_path / "urls.parquet", ["http://127.0.0.1:9/1.jpg"], labels=["a"])
+    return write_manifest(tmp_path, download)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"captons_per_image": 5}, "stages.download.captons_per_image: unknown key, got 5"),
+    ({"samples_per_shard": "many"}, "stages.download.samples_per_shard: input should be a valid integer"),
+    ({"samples_per_shard": -3}, "stages.download.samples_per_shard: must be > 0, got -3"),
+    ({"url_list": "gone.parquet"}, "stages.download.url_list: URL table not found"),
+    ({"url_col": "link"}, "urls.parquet: no column 'link'"),
+    ({"label_col": "class"}, "urls.parquet: no column 'class'"),
+])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_bad_manifest_is_one_line_and_writes_nothing(tmp_path, change, message, command):
+    manifest = _manifest(tmp_path, **change)
+    result = run_cli(command, str(manifest), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_url_table(tmp_path):
+    manifest = _manifest(tmp_path)
+    (tmp_path / "urls.parquet").write_bytes(b"PAR1 but not really a parquet file")
+    for command in ("validate", "run", "plan"):
+        result = run_cli(command, str(manifest), cwd=tmp_path)
+        assert result.returncode == 2, command
+        assert "urls.parquet: not a readable parquet table" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_ok_and_unknown_stage_flag(tmp_path):
+    manifest = _manifest(tmp_path)
+    ok = run_cli("validate", str(manifest), cwd=tmp_path)
+    assert ok.returncode == 0 and "ok (stages: download)" in ok.stdout
+    bad = run_cli("run", str(manifest), "--stage", "sing", cwd=tmp_path)
+    assert bad.returncode != 0 and "invalid choice: 'sing'" in bad.stderr
+
+
+def test_unconfigured_stage_is_named(tmp_path):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"run": {"root": "run"}, "stages": {}}))
+    result = run_cli("run", str(manifest), "--stage", "download", cwd=tmp_path)
+    assert result.returncode == 2 and "stage 'download' is not configured" in result.stderr

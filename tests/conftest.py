@@ -1,0 +1,61 @@
+"""Shared fixtures: offline environment, the local image server, URL tables, manifests, the CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+os.environ.update(OFFLINE_ENV)
+
+from examples.image_server import ImageServer  # noqa: E402
+
+
+@pytest.fixture
+def image_server():
+    """A fresh server per test, so flaky paths fail once in every test that uses them."""
+    with ImageServer() as server:
+        yield server
+
+
+def write_url_table(path: Path, urls: list[str], captions: list[str] | None = None,
+                    labels: list | None = None) -> Path:
+    columns = {"url": urls}
+    if captions is not None:
+        columns["caption"] = captions
+    if labels is not None:
+        columns["label"] = labels
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def write_manifest(folder: Path, download: dict, root: str = "run", name: str = "manifest.yaml") -> Path:
+    settings = {"url_list": "urls.parquet", "samples_per_shard": 5, "processes": 1, "threads": 4,
+                "image_size": 32, **download}
+    path = folder / name
+    path.write_text(yaml.safe_dump({"run": {"root": root, "seed": 0}, "stages": {"download": settings}}))
+    return path
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")}
+    env["PYTHONPATH"] = str(REPO)
+    return {**env, **OFFLINE_ENV, **extra}
+
+
+def run_cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=600)
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under root with its (mtime_ns, size): equal snapshots mean nothing was rewritten."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(root.rglob("*")) if p.is_file()}
