@@ -4,6 +4,7 @@
     python -m pipeline plan examples/demo.yaml
     python -m pipeline run examples/demo.yaml [--stage S | --from S] [--force] [--retry-failed]
     python -m pipeline status examples/demo.yaml [--json]
+    python -m pipeline export examples/demo.yaml --captions retrieval --to runs/demo/export
 
 Exit code 0 on success; otherwise one line `error: ...` on stderr and exit code 2.
 """
@@ -13,6 +14,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from pipeline import logs
 from pipeline.context import context_from_env
@@ -44,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="redo units made with other settings")
     run.add_argument("--retry-failed", action="store_true",
                      help="download: re-download the rows that failed into extra shards")
+    export = sub.add_parser("export", help="write images + one caption set as plain webdataset shards")
+    export.add_argument("manifest")
+    export.add_argument("--captions", required=True, metavar="TAG", help="caption set (captions/<TAG>)")
+    export.add_argument("--to", required=True, type=Path, metavar="DIR", help="output folder")
     return parser
 
 
@@ -70,6 +76,9 @@ def _plan(args, manifest, ctx) -> int:
     print(f"run root: {manifest.run.root}")
     for name in manifest.configured_stages():
         status = stage_status(manifest, name)
+        if status.waiting_for:
+            print(f"{name}: waiting ({status.waiting_for})")
+            continue
         more = f", {status.units_stale} made with other settings (need --force)" if status.units_stale else ""
         print(f"{name}: {status.units_total} units, {status.units_done} done, "
               f"{status.units_total - status.units_done} pending{more}")
@@ -82,11 +91,17 @@ def _status(args, manifest, ctx) -> int:
         print(json.dumps({s.stage: s.to_dict() for s in statuses}, indent=2))
         return 0
     for s in statuses:
-        counts = s.counts
-        print(f"{s.stage}: {s.units_done}/{s.units_total} units done; "
-              f"samples ok {counts.get('ok', 0)}, failed {counts.get('failed', 0)}"
-              + (" [complete]" if s.is_complete else ""))
+        print(f"{s.stage}: " + (f"waiting ({s.waiting_for})" if s.waiting_for else _status_line(s)))
     return 0
+
+
+def _status_line(s) -> str:
+    counts = s.counts
+    if s.stage == "download":
+        samples = f"samples ok {counts.get('ok', 0)}, failed {counts.get('failed', 0)}"
+    else:
+        samples = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if not isinstance(v, dict))
+    return f"{s.units_done}/{s.units_total} units done; {samples}" + (" [complete]" if s.is_complete else "")
 
 
 def _run(args, manifest, ctx) -> int:
@@ -100,4 +115,12 @@ def _run(args, manifest, ctx) -> int:
     return 0
 
 
-COMMANDS = {"validate": _validate, "plan": _plan, "status": _status, "run": _run}
+def _export(args, manifest, ctx) -> int:
+    from stages.export import export_captions
+
+    totals = export_captions(manifest.run.root, args.captions, args.to)
+    print(f"exported {totals['samples']} samples in {totals['shards']} shards to {args.to}")
+    return 0
+
+
+COMMANDS = {"validate": _validate, "plan": _plan, "status": _status, "run": _run, "export": _export}

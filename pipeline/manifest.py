@@ -13,9 +13,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.base import ManifestPath
+from stages.caption import CaptionConfig
 from stages.download import DownloadConfig
 
-STAGE_ORDER = ("download",)
+STAGE_ORDER = ("download", "caption")
 
 
 class ManifestError(ValueError):
@@ -31,6 +32,7 @@ class RunSection(BaseModel):
 class StagesSection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     download: DownloadConfig | None = None
+    caption: CaptionConfig | None = None
 
 
 class Manifest(BaseModel):

@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.manifest import STAGE_ORDER, Manifest, resolved_yaml
 from shards import markers
 from shards.atomic import write_text_atomic
-from stages.base import RunContext, StageResult, fingerprint_of
+from stages.base import RunContext, StageConfigError, StageResult, fingerprint_of
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ def run_stages(manifest: Manifest, ctx: RunContext, names: list[str],
                options: dict[str, dict[str, Any]] | None = None, on_stage=None) -> list[StageResult]:
     """Run `names` in order; stop at the first stage that is not complete after its run."""
     check_inputs(manifest)  # before anything is written
-    if ctx.is_main:
-        _write_resolved_manifest(manifest, ctx.root)
     results = []
     for name in names:
         if on_stage:
@@ -55,6 +53,8 @@ def run_stages(manifest: Manifest, ctx: RunContext, names: list[str],
         log.info("stage %s: start", name)
         result = stage_module(name).run(manifest.stage_config(name), ctx, **(options or {}).get(name, {}))
         results.append(result)
+        if ctx.is_main:
+            _write_resolved_manifest(manifest, ctx.root)
         if not result.is_complete:
             log.info("stage %s: %d/%d units done; later stages wait for it",
                      name, result.units_done, result.units_total)
@@ -63,9 +63,13 @@ def run_stages(manifest: Manifest, ctx: RunContext, names: list[str],
 
 
 def _write_resolved_manifest(manifest: Manifest, root: Path) -> None:
+    """The manifest as run, with the fingerprint of every stage whose inputs exist so far."""
     fingerprints = {}
     for name in manifest.configured_stages():
-        _, _, settings = stage_module(name).describe(manifest.stage_config(name), root)
+        try:
+            _, _, settings = stage_module(name).describe(manifest.stage_config(name), root, manifest.run.seed)
+        except StageConfigError:  # its input stage has not finished yet
+            continue
         fingerprints[name] = fingerprint_of(settings)
     write_text_atomic(root / "manifest.resolved.yaml", resolved_yaml(manifest, fingerprints))
 
@@ -79,6 +83,7 @@ class StageStatus:
     pending: list[str] = field(default_factory=list)
     counts: dict[str, Any] = field(default_factory=dict)
     is_complete: bool = False
+    waiting_for: str | None = None  # why the stage cannot be planned yet (its input is missing)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,7 +92,10 @@ class StageStatus:
 def stage_status(manifest: Manifest, name: str) -> StageStatus:
     """Units done/total (done = marker with the current fingerprint) and merged counts."""
     module = stage_module(name)
-    folder, units, settings = module.describe(manifest.stage_config(name), manifest.run.root)
+    try:
+        folder, units, settings = module.describe(manifest.stage_config(name), manifest.run.root, manifest.run.seed)
+    except StageConfigError as err:
+        return StageStatus(stage=name, units_total=0, units_done=0, units_stale=0, waiting_for=str(err))
     fingerprint = fingerprint_of(settings)
     found = markers.read_markers(folder, units)
     done = {u: m for u, m in found.items() if m.get("fingerprint") == fingerprint}

@@ -12,9 +12,11 @@ import webdataset as wds
 
 
 def iter_samples(tar_paths: list[Path], handler=wds.reraise_exception) -> Iterator[dict]:
-    """Raw samples (`__key__`, and bytes per extension) of the tars, in order."""
+    """Raw samples (`__key__`, and bytes per extension) of the tars, in order.
+
+    No node or worker splitting here: callers hand each rank and DataLoader worker its own shards.
+    """
     urls = [str(p) for p in tar_paths]
     if not urls:
         return iter(())
-    dataset = wds.WebDataset(urls, shardshuffle=False, handler=handler, empty_check=False)
-    return iter(dataset)
+    return iter(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=handler)))

@@ -52,6 +52,7 @@ def write_tar_atomic(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]
     Members get mtime 0 and root ownership, so equal samples give byte-identical tars.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(path)
     count = 0
     try:

@@ -145,7 +145,7 @@ def settings_of(cfg: DownloadConfig, urls: UrlTable) -> dict[str, Any]:
     return {**cfg.fingerprint_settings(), "url_list_sha256": urls.sha256, "format_version": FORMAT_VERSION}
 
 
-def describe(cfg: DownloadConfig, root: Path) -> tuple[Path, list[str], dict[str, Any]]:
+def describe(cfg: DownloadConfig, root: Path, seed: int = 0) -> tuple[Path, list[str], dict[str, Any]]:
     """(stage folder, all units, fingerprinted settings): what `plan` and `status` need."""
     urls = load_url_table(cfg)
     return stage_dir(root), list_units(urls.num_rows, cfg, root), settings_of(cfg, urls)

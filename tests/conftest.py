@@ -59,3 +59,45 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under root with its (mtime_ns, size): equal snapshots mean nothing was rewritten."""
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size)
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-weight models saved once per session and loaded by path like real weights."""
+    from examples import tiny_models as tm
+
+    folder = tmp_path_factory.mktemp("tiny-models")
+    arch, checkpoint, config_dir = tm.save_tiny_clip(folder / "clip")
+    return {"clip_arch": arch, "clip_checkpoint": checkpoint, "clip_configs": config_dir,
+            "blip": tm.save_tiny_blip(folder / "blip"), "blip2": tm.save_tiny_blip2(folder / "blip2"),
+            "llava": tm.save_tiny_llava(folder / "llava")}
+
+
+def make_image_shards(root: Path, shards: int, per_shard: int, corrupt: tuple[int, ...] = ()) -> list[list[str]]:
+    """Image shards as the download stage leaves them (tar, marker, _SUCCESS.json), without a download.
+
+    Row n gets picture n of the image server, caption `alt n` and class n % 3; rows in `corrupt` get
+    bytes that are not an image. Returns the keys per shard.
+    """
+    from examples.image_server import generated_jpeg
+    from shards import markers
+    from shards.tars import write_tar_atomic
+
+    images = root / "images"
+    keys_per_shard = []
+    for s in range(shards):
+        rows = range(s * per_shard, (s + 1) * per_shard)
+        samples = [(f"{n:09d}", {"jpg": b"not a jpeg" if n in corrupt else generated_jpeg(n),
+                                 "txt": f"alt {n}".encode(), "cls": str(n % 3).encode()}) for n in rows]
+        info = write_tar_atomic(images / f"{s:06d}.tar", samples)
+        markers.write_marker(images, f"{s:06d}", {"fingerprint": "made-by-test", "counts": {"ok": per_shard}, **info})
+        keys_per_shard.append([k for k, _ in samples])
+    markers.write_success(images, {"stage": "download", "fingerprint": "made-by-test"})
+    return keys_per_shard
+
+
+def write_caption_manifest(folder: Path, caption: dict, root: str = "run", name: str = "manifest.yaml") -> Path:
+    settings = {"batch_size": 4, "num_workers": 0, **caption}
+    path = folder / name
+    path.write_text(yaml.safe_dump({"run": {"root": root, "seed": 0}, "stages": {"caption": settings}}))
+    return path

@@ -1,0 +1,73 @@
+"""open_clip models for retrieval captioning and CLIP scoring.
+
+An architecture name plus a pretrained tag (`openai`), a local checkpoint file, or a hub name
+(`hf-hub:org/name` as the architecture); extra architectures (e.g. tiny test models) come from a
+folder of open_clip JSON configs. Embeddings are L2-normalised float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from captioning.base import CaptionerError, torch_dtype
+
+
+@dataclass
+class ClipModel:
+    name: str
+    model: Any
+    preprocess: Any  # the eval transform: PIL image -> tensor (picklable)
+    tokenizer: Any
+    device: str
+    dtype: torch.dtype
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = self.model.encode_image(pixels.to(self.device, self.dtype))
+        return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str], batch_size: int = 1024, progress: bool = False) -> np.ndarray:
+        chunks = []
+        for start in tqdm(range(0, len(texts), batch_size), desc="embed texts", unit="batch",
+                          disable=not progress):
+            tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
+            features = self.model.encode_text(tokens)
+            chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
+        width = self.model.text_projection.shape[-1] if chunks == [] else chunks[0].shape[1]
+        return np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+
+
+def register_configs(config_dir: Path | None) -> None:
+    """Make the open_clip JSON configs in `config_dir` known as architectures."""
+    if config_dir is None:
+        return
+    import open_clip
+
+    if not Path(config_dir).is_dir():
+        raise CaptionerError(f"open_clip config folder not found: {config_dir}")
+    open_clip.add_model_config(str(config_dir))
+
+
+def load_clip(arch: str, pretrained: str | None = None, config_dir: Path | None = None,
+              device: str = "cpu", dtype: str = "float32") -> ClipModel:
+    import open_clip
+
+    register_configs(config_dir)
+    if not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
+        raise CaptionerError(f"unknown open_clip architecture {arch!r} (add its JSON config folder with config_dir)")
+    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))) \
+            and not Path(pretrained).is_file():
+        raise CaptionerError(f"open_clip checkpoint not found: {pretrained}")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise CaptionerError(f"cannot load open_clip model {arch!r} ({pretrained}): {str(err).splitlines()[0]}") from err
+    model = model.to(torch_dtype(dtype)).eval()
+    return ClipModel(f"{arch}:{pretrained or 'random'}", model, preprocess, open_clip.get_tokenizer(arch),
+                     device, torch_dtype(dtype))

@@ -1,0 +1,166 @@
+"""The caption stage's work loop: build the backend (and the optional CLIP scorer), stream image
+batches from DataLoader workers, clean/score/filter captions, write each shard when its last image
+is done (parquet under a temporary name, rename, then the marker)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from captioning.base import CaptionBatchResult, CaptionerError, GenerationOptions, RuntimeOptions, get_captioner
+from captioning.cleanup import clean
+from shards.atomic import remove_orphans
+from shards.tables import write_parquet_atomic
+from shards.tars import file_sha256
+from stages._caption_data import image_batches, stack
+from stages.base import RunContext, StageConfigError, UnitPlan
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema([("key", pa.string()), ("captions", pa.list_(pa.string())),
+                    ("scores", pa.list_(pa.float32())), ("backend", pa.string()), ("model", pa.string()),
+                    ("prompts", pa.list_(pa.string())), ("seed", pa.int64())])
+
+
+def model_identity(cfg) -> dict[str, Any]:
+    """What names the model's weights: names as written, plus the content hash of checkpoint files."""
+    identity = {"model": cfg.model, "pretrained": cfg.pretrained}
+    for name in ("pretrained",):
+        value = getattr(cfg, name)
+        if value and Path(value).is_file():
+            identity[f"{name}_sha256"] = file_sha256(Path(value))
+    if cfg.score_with and cfg.score_with.pretrained and Path(cfg.score_with.pretrained).is_file():
+        identity["score_with_sha256"] = file_sha256(Path(cfg.score_with.pretrained))
+    return identity
+
+
+def _clip(spec_model: str, pretrained: str | None, config_dir, cfg):
+    from captioning.clip_models import load_clip
+    return load_clip(spec_model, pretrained, config_dir, cfg.device, cfg.dtype)
+
+
+def build_captioner(cfg, ctx: RunContext):
+    """The backend named in the config; errors become StageConfigError with the cause."""
+    runtime = RuntimeOptions(cfg.device, cfg.dtype)
+    generation = GenerationOptions(cfg.k, cfg.decoding, tuple(cfg.prompts), cfg.max_new_tokens, cfg.min_new_tokens,
+                                   cfg.temperature, cfg.top_p, cfg.num_beams)
+    try:
+        if cfg.backend != "retrieval":
+            return get_captioner(cfg.backend, model=cfg.model, generation=generation, runtime=runtime)
+        from stages._caption_bank import bank_embeddings, bank_fingerprint, read_bank
+        texts = read_bank(cfg.bank, cfg.bank_col)
+        clip = _clip(cfg.model, cfg.pretrained, cfg.config_dir, cfg)
+        cache = ctx.root / "caption_bank" / bank_fingerprint(cfg.bank, model_identity(cfg))
+        vectors = bank_embeddings(texts, clip, cache, cfg.bank_batch_size, ctx.rank, ctx.world_size, ctx.is_main)
+        return get_captioner("retrieval", clip=clip, bank_texts=texts, bank_embeddings=vectors, k=cfg.k,
+                             threshold=cfg.threshold, index_kind=cfg.index, nlist=cfg.ivf_nlist,
+                             nprobe=cfg.ivf_nprobe)
+    except CaptionerError as err:
+        raise StageConfigError(f"caption: {err}") from err
+
+
+def _scorer(cfg):
+    if cfg.score_with is None:
+        return None
+    try:
+        return _clip(cfg.score_with.model, cfg.score_with.pretrained, cfg.score_with.config_dir, cfg)
+    except CaptionerError as err:
+        raise StageConfigError(f"caption.score_with: {err}") from err
+
+
+class _ShardWriter:
+    """Collects rows per shard and writes a shard once its end-of-shard item has arrived."""
+
+    def __init__(self, cfg, plan: UnitPlan, out: Path, model_name: str, prompts: list[str], seed: int, progress):
+        self.cfg, self.plan, self.out, self.progress = cfg, plan, out, progress
+        self.constant = {"backend": cfg.backend, "model": model_name, "prompts": prompts, "seed": seed}
+        self.rows: dict[str, list[dict]] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def add(self, unit: str, key: str, captions: list[str], scores: list[float] | None, corrupt: bool) -> None:
+        self.rows.setdefault(unit, []).append({"key": key, "captions": captions, "scores": scores, **self.constant})
+        counts = self.counts.setdefault(unit, {"images": 0, "captions": 0, "images_without_captions": 0,
+                                               "corrupt_images": 0})
+        counts["images"] += 1
+        counts["captions"] += len(captions)
+        counts["images_without_captions"] += not captions
+        counts["corrupt_images"] += corrupt
+
+    def finish(self, unit: str, expected: int) -> None:
+        rows = self.rows.pop(unit, [])
+        counts = self.counts.pop(unit, {"images": 0, "captions": 0, "images_without_captions": 0, "corrupt_images": 0})
+        if len(rows) != expected:
+            raise RuntimeError(f"caption shard {unit}: {len(rows)} rows for {expected} images")
+        path = self.out / f"{unit}.parquet"
+        write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+        self.plan.mark_done(unit, {"counts": counts, "parquet_sha256": file_sha256(path)})
+        self.progress.update(1)
+
+
+def caption_units(cfg, ctx: RunContext, plan: UnitPlan, images: Path) -> None:
+    out = plan.stage_dir
+    for unit in plan.mine:
+        remove_orphans(out, unit)
+    captioner, scorer = build_captioner(cfg, ctx), _scorer(cfg)
+    seed = plan.settings["seed"]
+    transforms = [captioner.image_transform()] + ([scorer.preprocess] if scorer else [])
+    loader = image_batches([(u, images / f"{u}.tar") for u in plan.mine], transforms, cfg.batch_size,
+                           cfg.num_workers)
+    progress = tqdm(total=len(plan.mine), desc=f"caption[{cfg.output_tag}]", unit="shard", disable=not ctx.is_main)
+    writer = _ShardWriter(cfg, plan, out, captioner.model_name, list(captioner.prompts), seed, progress)
+    for batch in loader:
+        images_in_batch = [item for item in batch if not item.get("end")]
+        for item, (captions, scores) in zip(images_in_batch, _caption_batch(cfg, captioner, scorer, images_in_batch, seed)):
+            writer.add(item["unit"], item["key"], captions, scores, not item["ok"])
+        for item in batch:
+            if item.get("end"):
+                writer.finish(item["unit"], item["count"])
+    progress.close()
+
+
+def _caption_batch(cfg, captioner, scorer, items: list[dict], seed: int) -> list[tuple[list[str], list[float] | None]]:
+    """(captions, scores) per item; corrupt items get ([], [] or None)."""
+    ok = [item for item in items if item["ok"]]
+    results: dict[str, tuple[list[str], list[float] | None]] = {}
+    if ok:
+        torch.manual_seed(_batch_seed(seed, ok[0]["key"]))
+        raw = captioner.caption(stack(ok, 0), [item["alt"] for item in ok])
+        scores = _scores(scorer, ok, raw)
+        for i, item in enumerate(ok):
+            results[item["key"]] = _filtered(cfg, raw.captions[i], scores[i] if scores is not None else None, raw)
+    has_scores = scorer is not None or cfg.backend == "retrieval"
+    return [results.get(item["key"], ([], [] if has_scores else None)) for item in items]
+
+
+def _batch_seed(seed: int, first_key: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{first_key}".encode()).digest()[:4], "little")
+
+
+def _scores(scorer, ok: list[dict], raw: CaptionBatchResult) -> list[list[float]] | None:
+    if scorer is None:
+        return raw.scores
+    image_embeddings = scorer.encode_images(stack(ok, 1))
+    flat = [text for captions in raw.captions for text in captions]
+    text_embeddings = torch.from_numpy(scorer.encode_texts(flat)) if flat else torch.zeros(0, image_embeddings.shape[1])
+    scores, start = [], 0
+    for i, captions in enumerate(raw.captions):
+        block = text_embeddings[start:start + len(captions)]
+        scores.append((block @ image_embeddings[i]).tolist())
+        start += len(captions)
+    return scores
+
+
+def _filtered(cfg, captions: list[str], scores: list[float] | None, raw: CaptionBatchResult):
+    """Clean, drop below min_score, order best first when scored, keep the top n."""
+    texts, kept_scores = clean(captions, scores, raw.prompts, cfg.filter.min_words, cfg.filter.dedupe)
+    if kept_scores is not None:
+        pairs = [(t, s) for t, s in zip(texts, kept_scores) if cfg.min_score is None or s >= cfg.min_score]
+        pairs.sort(key=lambda pair: -pair[1])
+        texts, kept_scores = [t for t, _ in pairs], [s for _, s in pairs]
+    limit = cfg.keep_top or cfg.k
+    return texts[:limit], (kept_scores[:limit] if kept_scores is not None else None)

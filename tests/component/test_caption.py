@@ -1,0 +1,221 @@
+"""The caption stage with tiny BLIP, BLIP-2, LLaVA and open_clip models (random weights, loaded by path)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.cli import main as cli
+from shards.reader import iter_samples
+from stages._caption_run import SCHEMA
+from tests.conftest import cli_env, make_image_shards, snapshot, write_caption_manifest
+
+
+def _rows(root: Path, tag: str, unit: str) -> list[dict]:
+    return pq.read_table(root / "captions" / tag / f"{unit}.parquet").to_pylist()
+
+
+def _run(manifest: Path, *extra: str) -> int:
+    return cli(["run", str(manifest), "--stage", "caption", *extra])
+
+
+def _generation(**extra) -> dict:
+    return {"max_new_tokens": 6, "min_new_tokens": 4, "filter": {"min_words": 0, "dedupe": False}, **extra}
+
+
+def test_blip_sampling_writes_k_captions_per_image_in_key_order(tmp_path, tiny_models):
+    keys = make_image_shards(tmp_path / "run", shards=2, per_shard=4, corrupt=(5,))
+    manifest = write_caption_manifest(tmp_path, {"backend": "blip", "model": str(tiny_models["blip"]),
+                                                 "captions_per_image": 3, "num_workers": 2, **_generation()})
+    assert _run(manifest) == 0
+    for unit, unit_keys in zip(("000000", "000001"), keys):
+        table = pq.read_table(tmp_path / "run" / "captions" / "blip" / f"{unit}.parquet")
+        assert table.schema.equals(SCHEMA)
+        rows = table.to_pylist()
+        assert [r["key"] for r in rows] == unit_keys
+        for row in rows:
+            assert len(row["captions"]) == (0 if row["key"] == "000000005" else 3)
+            assert row["scores"] is None and row["backend"] == "blip" and row["seed"] == 0
+            assert row["model"] == str(tiny_models["blip"])
+    marker = json.loads((tmp_path / "run" / "captions" / "blip" / "_done" / "000001.json").read_text())
+    assert marker["counts"] == {"images": 4, "captions": 9, "images_without_captions": 1, "corrupt_images": 1}
+
+
+@pytest.mark.parametrize("backend,model,options,per_image", [
+    ("blip", "blip2", {"decoding": "beam", "captions_per_image": 2}, 2),
+    ("llava", "llava", {"decoding": "prompts", "prompts": ["Describe the image in one sentence.", "what is this"]}, 2),
+    ("llava", "llava", {"decoding": "sample", "captions_per_image": 3}, 3),
+])
+def test_blip2_and_llava(tmp_path, tiny_models, backend, model, options, per_image):
+    make_image_shards(tmp_path / "run", shards=1, per_shard=3)
+    manifest = write_caption_manifest(tmp_path, {"backend": backend, "model": str(tiny_models[model]),
+                                                 "tag": model, **_generation(**options)})
+    assert _run(manifest) == 0
+    rows = _rows(tmp_path / "run", model, "000000")
+    assert [len(r["captions"]) for r in rows] == [per_image] * 3
+    assert rows[0]["prompts"] == options.get("prompts", ["Describe the image in one sentence."] if backend == "llava" else [])
+    for row in rows:  # the prompt is stripped from the output
+        assert not any(c.startswith(("USER:", "Describe the image")) for c in row["captions"])
+
+
+def _decoded_pixels(root: Path, preprocess) -> tuple[list[str], torch.Tensor]:
+    samples = list(iter_samples(sorted((root / "images").glob("*.tar"))))
+    pixels = torch.stack([preprocess(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples])
+    return [s["__key__"] for s in samples], pixels
+
+
+def _retrieval_manifest(folder: Path, tiny_models: dict, bank: Path, **extra) -> Path:
+    return write_caption_manifest(folder, {"backend": "retrieval", "model": tiny_models["clip_arch"],
+                                           "pretrained": str(tiny_models["clip_checkpoint"]),
+                                           "config_dir": str(tiny_models["clip_configs"]), "bank": str(bank),
+                                           **extra})
+
+
+def test_retrieval_equals_brute_force_top_k_above_threshold(tmp_path, tiny_models):
+    from captioning.clip_models import load_clip
+
+    make_image_shards(tmp_path / "run", shards=2, per_shard=5)
+    phrases = [f"a {c} {s} on {b}" for c in ("red", "blue", "green") for s in ("circle", "square") for b in ("cyan", "dark")]
+    bank = tmp_path / "bank.txt"
+    bank.write_text("\n".join(phrases + phrases[:4] + [""]) + "\n")  # exact duplicates and an empty line
+    clip = load_clip(tiny_models["clip_arch"], str(tiny_models["clip_checkpoint"]), tiny_models["clip_configs"])
+    keys, pixels = _decoded_pixels(tmp_path / "run", clip.preprocess)
+    sims = clip.encode_images(pixels).numpy() @ clip.encode_texts(phrases).T
+    threshold = float(np.quantile(sims, 0.6))
+    manifest = _retrieval_manifest(tmp_path, tiny_models, bank, captions_per_image=4, threshold=threshold)
+    assert _run(manifest) == 0
+
+    rows = _rows(tmp_path / "run", "retrieval", "000000") + _rows(tmp_path / "run", "retrieval", "000001")
+    assert [r["key"] for r in rows] == keys
+    for row, sim in zip(rows, sims):
+        order = np.argsort(-sim, kind="stable")[:4]
+        want = [(phrases[i], sim[i]) for i in order if sim[i] > threshold]
+        assert row["captions"] == [p for p, _ in want]
+        np.testing.assert_allclose(row["scores"], [s for _, s in want], atol=1e-5)
+    assert any(len(r["captions"]) < 4 for r in rows) and any(len(r["captions"]) == 4 for r in rows)
+    cached = list((tmp_path / "run" / "caption_bank").glob("*/000000.npy"))
+    assert len(cached) == 1 and np.load(cached[0]).shape == (len(phrases), 32)
+
+
+def test_score_with_min_score_and_keep_top(tmp_path, tiny_models):
+    from captioning.clip_models import load_clip
+
+    make_image_shards(tmp_path / "run", shards=1, per_shard=3)
+    clip_spec = {"model": tiny_models["clip_arch"], "pretrained": str(tiny_models["clip_checkpoint"]),
+                 "config_dir": str(tiny_models["clip_configs"])}
+    manifest = write_caption_manifest(tmp_path, {"backend": "blip", "model": str(tiny_models["blip"]), "decoding": "beam",
+                                                 "captions_per_image": 4, "score_with": clip_spec, "min_score": -1.0,
+                                                 "keep_top": 2, **_generation()})
+    assert _run(manifest) == 0
+    rows = _rows(tmp_path / "run", "blip", "000000")
+    clip = load_clip(clip_spec["model"], clip_spec["pretrained"], clip_spec["config_dir"])
+    _, pixels = _decoded_pixels(tmp_path / "run", clip.preprocess)
+    image_embeddings = clip.encode_images(pixels).numpy()
+    for row, image in zip(rows, image_embeddings):
+        assert len(row["captions"]) == 2 and row["scores"] == sorted(row["scores"], reverse=True)
+        np.testing.assert_allclose(row["scores"], clip.encode_texts(row["captions"]) @ image, atol=1e-5)
+
+
+def test_rerun_is_a_noop_and_a_deleted_marker_redoes_one_shard(tmp_path):
+    make_image_shards(tmp_path / "run", shards=3, per_shard=2)
+    manifest = write_caption_manifest(tmp_path, {"backend": "alt_text"})
+    assert _run(manifest) == 0
+    assert _rows(tmp_path / "run", "alt_text", "000001")[0]["captions"] == ["alt 2"]
+    before = snapshot(tmp_path / "run")
+    assert _run(manifest) == 0
+    assert snapshot(tmp_path / "run") == before
+    (tmp_path / "run" / "captions" / "alt_text" / "_done" / "000002.json").unlink()
+    assert _run(manifest) == 0
+    after = snapshot(tmp_path / "run")
+    changed = sorted(p for p in after if after[p] != before.get(p))
+    assert changed == ["captions/alt_text/000002.parquet", "captions/alt_text/_done/000002.json"]
+
+
+def test_kill_mid_stage_then_resume_equals_uninterrupted(tmp_path, tiny_models):
+    caption = {"backend": "blip", "model": str(tiny_models["blip"]), "decoding": "beam", "captions_per_image": 2,
+               "num_workers": 1, **_generation()}
+    for root in ("straight", "killed"):
+        make_image_shards(tmp_path / root, shards=16, per_shard=6)
+        write_caption_manifest(tmp_path, caption, root=root, name=f"{root}.yaml")
+    assert _run(tmp_path / "straight.yaml") == 0
+
+    done = tmp_path / "killed" / "captions" / "blip" / "_done"
+    process = subprocess.Popen([sys.executable, "-m", "stages.caption", str(tmp_path / "killed.yaml")],
+                               cwd=tmp_path, env=cli_env(), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(done.glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_at_kill = len(list(done.glob("*.json")))
+    assert 1 <= done_at_kill < 16, "the kill should land mid-stage"
+
+    assert _run(tmp_path / "killed.yaml") == 0
+    for unit in (f"{i:06d}" for i in range(16)):
+        assert _rows(tmp_path / "killed", "blip", unit) == _rows(tmp_path / "straight", "blip", unit)
+    assert not list((tmp_path / "killed" / "captions").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("caption,message", [
+    ({"backend": "blip", "model": "./no-such-model"}, "caption model not found"),
+    ({"backend": "retrieval", "model": "ViT-B-32", "bank": "missing.txt"}, "caption bank not found"),
+    ({"backend": "retrieval", "model": "mcip-tiny-vit", "bank": "empty.txt"}, "caption bank is empty"),
+    ({"backend": "gpt"}, "stages.caption.backend: must be one of"),
+    ({"backend": "alt_text", "captions_per_image": 0}, "stages.caption.captions_per_image: must be > 0, got 0"),
+    ({"backend": "blip"}, "backend 'blip' needs `model`"),
+    ({"backend": "blip", "model": "org/not-cached"}, "cannot load caption model 'org/not-cached'"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, tiny_models, capsys, caption, message):
+    make_image_shards(tmp_path / "run", shards=1, per_shard=2)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    if caption.get("model") == "mcip-tiny-vit":
+        caption.update(pretrained=str(tiny_models["clip_checkpoint"]), config_dir=str(tiny_models["clip_configs"]))
+    manifest = write_caption_manifest(tmp_path, caption)
+    assert _run(manifest) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # log lines may come first; no traceback
+    assert last.startswith("error: ") and message in last
+    assert not (tmp_path / "run" / "captions").exists()
+
+
+def test_caption_needs_a_complete_download(tmp_path, capsys):
+    make_image_shards(tmp_path / "run", shards=1, per_shard=2)
+    (tmp_path / "run" / "images" / "_SUCCESS.json").unlink()
+    assert _run(write_caption_manifest(tmp_path, {"backend": "alt_text"})) == 2
+    assert "download stage is not complete" in capsys.readouterr().err
+
+
+def test_export_is_read_by_open_clip_trainer(tmp_path, tiny_models):
+    import open_clip
+    from open_clip_train.data import get_wds_dataset
+
+    make_image_shards(tmp_path / "run", shards=3, per_shard=4, corrupt=(1,))
+    manifest = write_caption_manifest(tmp_path, {"backend": "alt_text"})
+    assert _run(manifest) == 0
+    assert cli(["export", str(manifest), "--captions", "alt_text", "--to", str(tmp_path / "export")]) == 0
+    sizes = json.loads((tmp_path / "export" / "sizes.json").read_text())
+    assert sizes == {"000000.tar": 3, "000001.tar": 4, "000002.tar": 4}  # the corrupt image has no caption
+
+    open_clip.add_model_config(str(tiny_models["clip_configs"]))
+    _, _, preprocess = open_clip.create_model_and_transforms(tiny_models["clip_arch"])
+    args = Namespace(train_data=str(tmp_path / "export" / "{000000..000002}.tar"), train_num_samples=None,
+                     dataset_resampled=False, train_data_upsampling_factors=None, seed=0, batch_size=2,
+                     world_size=1, workers=1)
+    data = get_wds_dataset(args, preprocess, is_train=True, tokenizer=open_clip.get_tokenizer(tiny_models["clip_arch"]))
+    assert data.dataloader.num_samples == 12
+    images, texts = next(iter(data.dataloader))
+    assert images.shape == (2, 3, 32, 32) and texts.shape == (2, 32)
+    sample = next(iter_samples([tmp_path / "export" / "000001.tar"]))
+    assert sample["txt"] == b"alt 4" and json.loads(sample["json"])["captions"] == ["alt 4"] and sample["cls"] == b"1"
