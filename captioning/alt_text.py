@@ -14,6 +14,7 @@ class AltTextCaptioner:
     name = "alt_text"
     model_name = "alt_text"
     prompts: list[str] = []
+    input_size = 1  # pixels are not used: decode at the smallest scale, only to spot corrupt images
 
     def image_transform(self):
         return _no_pixels

@@ -54,6 +54,7 @@ class Captioner(Protocol):
     name: str
     model_name: str
     prompts: list[str]
+    input_size: int  # the largest image side the model uses; JPEGs are decoded no larger than needed
 
     def image_transform(self) -> Callable: ...
 

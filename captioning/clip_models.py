@@ -26,6 +26,11 @@ class ClipModel:
     device: str
     dtype: torch.dtype
 
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return max(size) if isinstance(size, (tuple, list)) else int(size)
+
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         features = self.model.encode_image(pixels.to(self.device, self.dtype))

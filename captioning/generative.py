@@ -40,7 +40,7 @@ def load_pretrained(model: str, runtime: RuntimeOptions):
         raise CaptionerError(f"model folder not found: {model}")
     try:
         config = transformers.AutoConfig.from_pretrained(model)
-        processor = transformers.AutoProcessor.from_pretrained(model)
+        processor = transformers.AutoProcessor.from_pretrained(model, use_fast=True)  # torchvision-backed
         cls = getattr(transformers, MODEL_CLASSES.get(config.model_type, "AutoModelForImageTextToText"))
         network = cls.from_pretrained(model, dtype=torch_dtype(runtime.dtype))
     except (OSError, ValueError) as err:
@@ -61,9 +61,16 @@ class GenerativeCaptioner:
     def image_transform(self) -> ImageProcessorTransform:
         return ImageProcessorTransform(self.processor.image_processor)
 
+    @property
+    def input_size(self) -> int:
+        """The largest side the model looks at (JPEGs may be decoded at a reduced scale down to it)."""
+        image_processor = self.processor.image_processor
+        sizes = [v for d in (getattr(image_processor, "crop_size", None), image_processor.size) if d
+                 for v in dict(d).values() if isinstance(v, int)]
+        return max(sizes)
+
     def _encode_prompt(self, text: str) -> torch.Tensor:
-        size = getattr(self.processor.image_processor, "crop_size", None) or self.processor.image_processor.size
-        blank = Image.new("RGB", (size.get("width", 32), size.get("height", 32)))
+        blank = Image.new("RGB", (self.input_size, self.input_size))
         return self.processor(images=[blank], text=[text], return_tensors="pt")["input_ids"][0]
 
     @torch.inference_mode()

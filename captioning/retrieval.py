@@ -27,6 +27,10 @@ class RetrievalCaptioner:
     def image_transform(self):
         return self.clip.preprocess
 
+    @property
+    def input_size(self) -> int:
+        return self.clip.image_size
+
     def caption(self, pixels: torch.Tensor, alt_texts: list[str]) -> CaptionBatchResult:
         image_embeddings = self.clip.encode_images(pixels).numpy()
         scores, ids = search(self.index, image_embeddings, self.k)

@@ -53,20 +53,23 @@ def _fast_tokenizer(words: list[str], specials: dict[str, str], **extra):
     return PreTrainedTokenizerFast(tokenizer_object=core, **specials, **extra)
 
 
-def save_tiny_blip(folder: Path, seed: int = 0) -> Path:
+def save_tiny_blip(folder: Path, seed: int = 0, width: int = 32, layers: int = 2, image_size: int = 32,
+                   patch_size: int = 8) -> Path:
+    """A random BLIP; the defaults make it tiny, larger values make a compute-heavier one for benchmarks."""
     from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
                               BlipProcessor)
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})  # transformers 5: vocab=, not vocab_file=
     config = BlipConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=64, encoder_hidden_size=32,
+        text_config=dict(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                         num_attention_heads=2, max_position_embeddings=64, encoder_hidden_size=width,
                          bos_token_id=2, sep_token_id=3, pad_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8), projection_dim=32)
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                           num_attention_heads=2, image_size=image_size, patch_size=patch_size), projection_dim=32)
     torch.manual_seed(seed)
-    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
+                              tokenizer=tokenizer)
     return _save(folder, BlipForConditionalGeneration(config), processor)
 
 

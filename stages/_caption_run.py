@@ -17,7 +17,7 @@ from captioning.cleanup import clean
 from shards.atomic import remove_orphans
 from shards.tables import write_parquet_atomic
 from shards.tars import file_sha256
-from stages._caption_data import image_batches, stack
+from stages._caption_data import image_batches
 from stages.base import RunContext, StageConfigError, UnitPlan
 
 log = logging.getLogger(__name__)
@@ -109,28 +109,32 @@ def caption_units(cfg, ctx: RunContext, plan: UnitPlan, images: Path) -> None:
     captioner, scorer = build_captioner(cfg, ctx), _scorer(cfg)
     seed = plan.settings["seed"]
     transforms = [captioner.image_transform()] + ([scorer.preprocess] if scorer else [])
-    loader = image_batches([(u, images / f"{u}.tar") for u in plan.mine], transforms, cfg.batch_size,
-                           cfg.num_workers)
+    decode_size = max([captioner.input_size] + ([scorer.image_size] if scorer else []))
+    loader = image_batches([(u, images / f"{u}.tar") for u in plan.mine], transforms, decode_size,
+                           cfg.batch_size, cfg.num_workers)
     progress = tqdm(total=len(plan.mine), desc=f"caption[{cfg.output_tag}]", unit="shard", disable=not ctx.is_main)
     writer = _ShardWriter(cfg, plan, out, captioner.model_name, list(captioner.prompts), seed, progress)
     for batch in loader:
-        images_in_batch = [item for item in batch if not item.get("end")]
-        for item, (captions, scores) in zip(images_in_batch, _caption_batch(cfg, captioner, scorer, images_in_batch, seed)):
+        images_in_batch = [item for item in batch["items"] if not item.get("end")]
+        results = _caption_batch(cfg, captioner, scorer, images_in_batch, batch["tensors"], seed)
+        for item, (captions, scores) in zip(images_in_batch, results):
             writer.add(item["unit"], item["key"], captions, scores, not item["ok"])
-        for item in batch:
+        for item in batch["items"]:
             if item.get("end"):
                 writer.finish(item["unit"], item["count"])
     progress.close()
 
 
-def _caption_batch(cfg, captioner, scorer, items: list[dict], seed: int) -> list[tuple[list[str], list[float] | None]]:
-    """(captions, scores) per item; corrupt items get ([], [] or None)."""
+def _caption_batch(cfg, captioner, scorer, items: list[dict], tensors: list[torch.Tensor],
+                   seed: int) -> list[tuple[list[str], list[float] | None]]:
+    """(captions, scores) per item; corrupt items get ([], [] or None). `tensors` hold the
+    decodable items' pixels: [0] for the captioner, [1] for the scorer."""
     ok = [item for item in items if item["ok"]]
     results: dict[str, tuple[list[str], list[float] | None]] = {}
     if ok:
         torch.manual_seed(_batch_seed(seed, ok[0]["key"]))
-        raw = captioner.caption(stack(ok, 0), [item["alt"] for item in ok])
-        scores = _scores(scorer, ok, raw)
+        raw = captioner.caption(tensors[0], [item["alt"] for item in ok])
+        scores = _scores(scorer, tensors[1] if scorer else None, raw)
         for i, item in enumerate(ok):
             results[item["key"]] = _filtered(cfg, raw.captions[i], scores[i] if scores is not None else None, raw)
     has_scores = scorer is not None or cfg.backend == "retrieval"
@@ -141,10 +145,10 @@ def _batch_seed(seed: int, first_key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{first_key}".encode()).digest()[:4], "little")
 
 
-def _scores(scorer, ok: list[dict], raw: CaptionBatchResult) -> list[list[float]] | None:
+def _scores(scorer, pixels: torch.Tensor | None, raw: CaptionBatchResult) -> list[list[float]] | None:
     if scorer is None:
         return raw.scores
-    image_embeddings = scorer.encode_images(stack(ok, 1))
+    image_embeddings = scorer.encode_images(pixels)
     flat = [text for captions in raw.captions for text in captions]
     text_embeddings = torch.from_numpy(scorer.encode_texts(flat)) if flat else torch.zeros(0, image_embeddings.shape[1])
     scores, start = [], 0

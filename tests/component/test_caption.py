@@ -1,7 +1,6 @@
 """The caption stage with tiny BLIP, BLIP-2, LLaVA and open_clip models (random weights, loaded by path)."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -15,10 +14,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.cli import main as cli
 from shards.reader import iter_samples
+from stages._caption_data import decode_image
 from stages._caption_run import SCHEMA
 from tests.conftest import cli_env, make_image_shards, snapshot, write_caption_manifest
 
@@ -70,9 +69,10 @@ def test_blip2_and_llava(tmp_path, tiny_models, backend, model, options, per_ima
         assert not any(c.startswith(("USER:", "Describe the image")) for c in row["captions"])
 
 
-def _decoded_pixels(root: Path, preprocess) -> tuple[list[str], torch.Tensor]:
+def _decoded_pixels(root: Path, clip) -> tuple[list[str], torch.Tensor]:
+    """Pixels as the stage decodes them (JPEG draft scaling to the model's input size)."""
     samples = list(iter_samples(sorted((root / "images").glob("*.tar"))))
-    pixels = torch.stack([preprocess(Image.open(io.BytesIO(s["jpg"])).convert("RGB")) for s in samples])
+    pixels = torch.stack([clip.preprocess(decode_image(s["jpg"], clip.image_size)) for s in samples])
     return [s["__key__"] for s in samples], pixels
 
 
@@ -91,7 +91,7 @@ def test_retrieval_equals_brute_force_top_k_above_threshold(tmp_path, tiny_model
     bank = tmp_path / "bank.txt"
     bank.write_text("\n".join(phrases + phrases[:4] + [""]) + "\n")  # exact duplicates and an empty line
     clip = load_clip(tiny_models["clip_arch"], str(tiny_models["clip_checkpoint"]), tiny_models["clip_configs"])
-    keys, pixels = _decoded_pixels(tmp_path / "run", clip.preprocess)
+    keys, pixels = _decoded_pixels(tmp_path / "run", clip)
     sims = clip.encode_images(pixels).numpy() @ clip.encode_texts(phrases).T
     threshold = float(np.quantile(sims, 0.6))
     manifest = _retrieval_manifest(tmp_path, tiny_models, bank, captions_per_image=4, threshold=threshold)
@@ -121,7 +121,7 @@ def test_score_with_min_score_and_keep_top(tmp_path, tiny_models):
     assert _run(manifest) == 0
     rows = _rows(tmp_path / "run", "blip", "000000")
     clip = load_clip(clip_spec["model"], clip_spec["pretrained"], clip_spec["config_dir"])
-    _, pixels = _decoded_pixels(tmp_path / "run", clip.preprocess)
+    _, pixels = _decoded_pixels(tmp_path / "run", clip)
     image_embeddings = clip.encode_images(pixels).numpy()
     for row, image in zip(rows, image_embeddings):
         assert len(row["captions"]) == 2 and row["scores"] == sorted(row["scores"], reverse=True)

@@ -1,0 +1,157 @@
+"""Benchmark: caption throughput and retrieval scaling, each variant measured in this one run.
+
+    .venv/bin/python benchmarks/caption.py [--images 384] [--bank-sizes 250000,500000,1000000]
+
+Part 1, the same images and the same BLIP (random weights, beam search, 3 captions per image), once
+with the tests' tiny BLIP and once with a compute-heavier small one:
+  (a) naive: decode each JPEG to PIL and call `generate` one image at a time;
+  (b) bound: the model alone on pre-decoded, pre-processed batched tensors;
+  (c) ours:  the caption stage end to end (image shards -> DataLoader workers -> parquet + markers).
+Targets: (c) >= 3x (a) and (c) >= 0.8x (b).
+
+Part 2, the retrieval backend's search: 10k image embeddings against banks of growing size
+(random unit vectors of the tiny CLIP's width and of ViT-B's 512), exact faiss inner product plus
+the top-k/threshold step. Target: < 60 s for 1M captions, linear in bank size.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from captioning.base import GenerationOptions, get_captioner  # noqa: E402
+from captioning.knn import build_index, search, top_k_above  # noqa: E402
+from examples import tiny_models  # noqa: E402
+from shards import markers  # noqa: E402
+from shards.tars import write_tar_atomic  # noqa: E402
+from stages import caption  # noqa: E402
+from stages.base import RunContext  # noqa: E402
+
+BATCH = 32
+GENERATION = GenerationOptions(captions_per_image=3, decoding="beam", max_new_tokens=12, min_new_tokens=4)
+
+
+def photo_jpeg(n: int, size: int = 256) -> bytes:
+    """A noisy 256 px picture: decoding it costs about what a downloaded image does."""
+    rng = np.random.default_rng(n)
+    pixels = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def make_shards(root: Path, images: int, per_shard: int = 64) -> list[bytes]:
+    jpegs = [photo_jpeg(n) for n in range(images)]
+    for s in range(0, images, per_shard):
+        unit = f"{s // per_shard:06d}"
+        write_tar_atomic(root / "images" / f"{unit}.tar",
+                         [(f"{n:09d}", {"jpg": jpegs[n]}) for n in range(s, min(s + per_shard, images))])
+        markers.write_marker(root / "images", unit, {"fingerprint": "bench"})
+    markers.write_success(root / "images", {"fingerprint": "bench"})
+    return jpegs
+
+
+def naive(model_dir: Path, jpegs: list[bytes]) -> float:
+    captioner = get_captioner("blip", model=str(model_dir), generation=GENERATION)
+    transform = captioner.image_transform()
+    start = time.perf_counter()
+    for jpeg in jpegs:
+        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        captioner.caption(transform(image)[None], [""])
+    return time.perf_counter() - start
+
+
+def bound(model_dir: Path, jpegs: list[bytes]) -> float:
+    captioner = get_captioner("blip", model=str(model_dir), generation=GENERATION)
+    transform = captioner.image_transform()
+    pixels = torch.stack([transform(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs])
+    start = time.perf_counter()
+    for i in range(0, len(pixels), BATCH):
+        captioner.caption(pixels[i:i + BATCH], [""] * len(pixels[i:i + BATCH]))
+    return time.perf_counter() - start
+
+
+def ours(model_dir: Path, root: Path, workers: int) -> float:
+    cfg = caption.CaptionConfig(backend="blip", model=str(model_dir), decoding="beam", captions_per_image=3,
+                                max_new_tokens=12, min_new_tokens=4, batch_size=BATCH, num_workers=workers,
+                                filter={"min_words": 0, "dedupe": False})
+    start = time.perf_counter()
+    result = caption.run(cfg, RunContext(root=root))
+    assert result.is_complete
+    return time.perf_counter() - start
+
+
+MODELS = {"tiny": {}, "small": {"width": 192, "layers": 4, "image_size": 128, "patch_size": 16}}
+
+
+def part_one(images: int, workers: int, size: str) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench-caption-"))
+    model_dir = tiny_models.save_tiny_blip(work / "blip", **MODELS[size])
+    jpegs = make_shards(work / "run", images)
+    rows = [("(a) naive, one image at a time", naive(model_dir, jpegs)),
+            ("(b) model on pre-decoded batches", bound(model_dir, jpegs)),
+            (f"(c) caption stage, {workers} workers", ours(model_dir, work / "run", workers))]
+    rates = {name: images / seconds for name, seconds in rows}
+    print(f"\ncaption throughput: {images} images (256 px JPEG), {size} BLIP {MODELS[size]}, beam 3, batch {BATCH}, "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"{'variant':<40}{'seconds':>9}{'images/s':>10}")
+    for name, seconds in rows:
+        print(f"{name:<40}{seconds:>9.2f}{rates[name]:>10.1f}")
+    a, b, c = rates.values()
+    print(f"(c)/(a) = {c / a:.2f}  (target >= 3)    (c)/(b) = {c / b:.2f}  (target >= 0.8)")
+
+
+def part_two(bank_sizes: list[int], queries: int, dims: list[int], k: int = 20, threshold: float = 0.271) -> None:
+    print(f"\nretrieval search: {queries} images, top-{k} above {threshold}, exact faiss inner product")
+    print(f"{'dim':>5}{'bank':>10}{'index s':>9}{'search s':>10}{'images/s':>10}{'s per 1M':>10}")
+    rng = np.random.default_rng(0)
+    for dim in dims:
+        image_embeddings = _unit(rng, queries, dim)
+        for size in bank_sizes:
+            bank = _unit(rng, size, dim)
+            start = time.perf_counter()
+            index = build_index(bank, "flat")
+            built = time.perf_counter()
+            top_k_above(*search(index, image_embeddings, k), threshold)
+            searched = time.perf_counter() - built
+            print(f"{dim:>5}{size:>10}{built - start:>9.2f}{searched:>10.2f}{queries / searched:>10.0f}"
+                  f"{searched * 1e6 / size:>10.2f}")
+            del bank, index
+
+
+def _unit(rng, rows: int, dim: int) -> np.ndarray:
+    vectors = rng.standard_normal((rows, dim), dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=384)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--models", default="tiny,small", help="BLIP sizes: tiny (the tests' model), small")
+    parser.add_argument("--bank-sizes", default="250000,500000,1000000")
+    parser.add_argument("--queries", type=int, default=10_000)
+    parser.add_argument("--dims", default="32,512")
+    parser.add_argument("--skip-retrieval", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    for size in args.models.split(","):
+        part_one(args.images, args.workers, size)
+    if not args.skip_retrieval:
+        part_two([int(s) for s in args.bank_sizes.split(",")], args.queries, [int(d) for d in args.dims.split(",")])
+
+
+if __name__ == "__main__":
+    main()
