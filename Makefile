@@ -30,6 +30,7 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/download.py
+	$(PY) benchmarks/caption.py
 
 clean-demo:
 	rm -rf runs/demo

@@ -2,9 +2,10 @@
 
     make demo            # or: .venv/bin/python -m examples.demo
 
-Writes runs/demo/urls.parquet once (its URLs keep the port they were made with, so a second run
-resumes instead of seeing a changed input), serves the images while the stages run, and prints
-the status. A second run finds every unit done and only reprints the status.
+Writes once: runs/demo/urls.parquet (its URLs keep the port they were made with, so a second run
+resumes instead of seeing a changed input), a caption bank (many phrasings per meaning) and a tiny
+open_clip model. Serves the images while the stages run (download -> caption with the paper's
+caption-bank retrieval) and prints the status. A second run finds every unit done.
 """
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ from examples.image_server import ImageServer
 from pipeline.cli import main as pipeline_main
 
 MANIFEST = Path(__file__).with_name("demo.yaml")
-URLS = Path(__file__).resolve().parents[1] / "runs" / "demo" / "urls.parquet"
+DEMO = Path(__file__).resolve().parents[1] / "runs" / "demo"
+URLS = DEMO / "urls.parquet"
+BANK = DEMO / "caption_bank.txt"
+MODELS = DEMO / "models"
+TEMPLATES = ["a {c} {s} on {b}", "a photo of a {c} {s} on a {b} background", "{c} {s}, {b} background",
+             "an image showing a {c} {s} in front of {b}", "a picture of a {c} {s}", "a {s} coloured {c} on {b}"]
 NUM_IMAGES = 300
 SHAPES = ["square", "circle"]
 COLOURS = ["red", "green", "blue", "yellow", "purple", "cyan"]
@@ -41,6 +47,22 @@ def write_url_table(port: int) -> None:
     pq.write_table(pa.table({"url": urls, "caption": captions, "label": labels}), URLS)
 
 
+def write_caption_bank() -> None:
+    """Every (colour, shape, background) meaning in several phrasings; written once."""
+    if BANK.exists():
+        return
+    lines = [t.format(c=c, s=s, b=b) for c in COLOURS for s in SHAPES for b in COLOURS if c != b for t in TEMPLATES]
+    BANK.parent.mkdir(parents=True, exist_ok=True)
+    BANK.write_text("\n".join(lines) + "\n")
+
+
+def write_clip_model() -> None:
+    from examples.tiny_models import TINY_CLIP, save_tiny_clip
+
+    if not (MODELS / f"{TINY_CLIP}.pt").exists():
+        save_tiny_clip(MODELS)
+
+
 def demo_port() -> int:
     if URLS.exists():
         return urlparse(pq.read_table(URLS, columns=["url"])["url"][0].as_py()).port
@@ -51,6 +73,8 @@ def demo_port() -> int:
 
 def main() -> int:
     port = demo_port()
+    write_caption_bank()
+    write_clip_model()
     try:
         server = ImageServer(port)
     except OSError as err:
