@@ -21,10 +21,12 @@ from pipeline.context import context_from_env
 from pipeline.manifest import STAGE_ORDER, ManifestError, load_manifest
 from pipeline.runner import check_inputs, run_stages, select_stages, stage_status
 from shards.tables import TableError
+from stages._img2dataset import ShardCheckError
 from stages.base import StageConfigError
 
 log = logging.getLogger("pipeline")
-KNOWN_ERRORS = (ManifestError, StageConfigError, TableError, RuntimeError)
+# Errors of input or state, reported as one line; anything else is a bug and keeps its traceback.
+KNOWN_ERRORS = (ManifestError, StageConfigError, TableError, ShardCheckError)
 
 
 def build_parser() -> argparse.ArgumentParser:

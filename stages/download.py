@@ -14,8 +14,10 @@ reads back complete and matches img2dataset's own count (see stages/_img2dataset
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from shards.atomic import remove_orphans, write_json_atomic
 from shards.index import write_shard_index
 from shards.naming import list_shards, shard_name
 from shards.tables import TableError, infer_format, read_parquet, read_table
+from shards.tars import file_sha256
 from stages.base import (ManifestPath, RunContext, StageConfig, StageConfigError, StageResult,
                          finish_stage, plan_units, sum_counts)
 
@@ -108,7 +111,6 @@ def load_url_table(cfg: DownloadConfig) -> UrlTable:
     labels = None
     if cfg.label_col:
         columns["cls"], labels = _class_indexes(raw[cfg.label_col], cfg)
-    from shards.tars import file_sha256
     return UrlTable(pa.table(columns), labels, file_sha256(cfg.url_list))
 
 
@@ -131,7 +133,6 @@ def unit_rows(unit: str, table_rows: int, cfg: DownloadConfig, root: Path) -> li
     if index < base_count:
         start = index * cfg.samples_per_shard
         return list(range(start, min(start + cfg.samples_per_shard, table_rows)))
-    import json
     return json.loads((stage_dir(root) / RETRY_DIR / f"{unit}.json").read_text())["rows"]
 
 
@@ -181,7 +182,6 @@ def run(cfg: DownloadConfig, ctx: RunContext, retry_failed: bool = False) -> Sta
 
 def _remove_leftovers(out: Path, mine: list[str], ctx: RunContext) -> None:
     """Temporary files of this rank's units and its staging folder, left by a crash."""
-    import shutil
     for unit in mine:
         remove_orphans(out, unit)
     markers.remove_marker_orphans(out)
