@@ -1,0 +1,135 @@
+"""Training data: image shards joined with a caption set by key, in a deterministic, resumable order.
+
+Reads  `images/<shard>.tar` (random access through each member's offset) and
+       `captions/<tag>/<shard>.parquet` (loaded per shard; its keys must equal the tar's keys).
+Yields per sample: image tensor, class index (`.cls`, -1 without one), up to k captions tokenised
+       `[k, context]` with a mask `[k]`.
+
+The order of an epoch is a permutation of all samples seeded by (seed, epoch); rank r takes
+positions r, r + world, ...; a resumed run starts at the very next position of its rank, so no
+sample is skipped or repeated within the epoch. Augmentations are seeded per (seed, epoch, index),
+so they do not depend on the DataLoader worker that produced the sample.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from stages.base import StageConfigError
+
+
+def train_transform(size: int, mean, std) -> Callable:
+    """METHOD.md: resize to a square of 1.125*S, random crop S, horizontal flip, colour jitter 0.4."""
+    return T.Compose([T.Resize((round(1.125 * size),) * 2, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4),
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+
+def eval_transform(size: int, mean, std) -> Callable:
+    """Same resize, centre crop S."""
+    return T.Compose([T.Resize((round(1.125 * size),) * 2, interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    tar: Path
+    key: str
+    jpg_offset: int
+    jpg_size: int
+    cls: int
+    captions: tuple[str, ...]
+
+
+def _tar_members(tar: Path) -> tuple[list[str], dict[str, tuple[int, int]], dict[str, int]]:
+    """Keys in file order, (offset, size) of each key's jpg, and each key's class (from .cls)."""
+    keys, jpgs, classes = [], {}, {}
+    with tarfile.open(tar, "r:") as archive:
+        for member in archive:
+            key, _, ext = member.name.partition(".")
+            if ext == "jpg":
+                keys.append(key)
+                jpgs[key] = (member.offset_data, member.size)
+            elif ext == "cls":
+                classes[key] = int(archive.extractfile(member).read())
+    return keys, jpgs, classes
+
+
+def index_samples(root: Path, units: list[str], tag: str | None) -> list[SampleRef]:
+    """Every sample of the units, joined with its captions (none when `tag` is None)."""
+    refs = []
+    for unit in units:
+        tar = Path(root) / "images" / f"{unit}.tar"
+        keys, jpgs, classes = _tar_members(tar)
+        captions = {key: () for key in keys}
+        if tag is not None:
+            parquet = Path(root) / "captions" / tag / f"{unit}.parquet"
+            table = pq.read_table(parquet, columns=["key", "captions"]).to_pydict()
+            if table["key"] != keys:
+                raise StageConfigError(f"keys of {parquet} do not match {tar} "
+                                       f"({len(table['key'])} vs {len(keys)} keys); rerun the caption stage")
+            captions = {k: tuple(c) for k, c in zip(table["key"], table["captions"])}
+        refs += [SampleRef(tar, k, *jpgs[k], classes.get(k, -1), captions[k]) for k in keys]
+    return refs
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+def rank_positions(order: np.ndarray, rank: int, world_size: int, batch_size: int) -> np.ndarray:
+    """This rank's sample indexes for the epoch, cut to whole batches of equal count on every rank."""
+    per_rank = (len(order) // (world_size * batch_size)) * batch_size
+    return order[rank::world_size][:per_rank]
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()[:8], "little") % (2**63)
+
+
+class CaptionedImages(Dataset):
+    """Map-style dataset over `SampleRef`s: the DataLoader's sampler decides the order."""
+
+    def __init__(self, refs: list[SampleRef], transform: Callable, tokenizer, k: int, seed: int) -> None:
+        self.refs, self.transform, self.tokenizer, self.k, self.seed = refs, transform, tokenizer, k, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> dict:
+        ref = self.refs[index]
+        with open(ref.tar, "rb") as handle:
+            handle.seek(ref.jpg_offset)
+            image = Image.open(io.BytesIO(handle.read(ref.jpg_size))).convert("RGB")
+        torch.manual_seed(_sample_seed(self.seed, self.epoch, index))  # augmentations per sample
+        captions = list(ref.captions[: self.k])
+        tokens = torch.zeros(self.k, self.tokenizer.context_length, dtype=torch.long)
+        if captions:
+            tokens[: len(captions)] = self.tokenizer(captions)
+        mask = torch.arange(self.k) < len(captions)
+        return {"image": self.transform(image), "cls": ref.cls, "tokens": tokens, "mask": mask, "index": index}
+
+
+def epoch_loader(dataset: CaptionedImages, epoch: int, rank: int, world_size: int, batch_size: int,
+                 start_position: int = 0, workers: int = 2) -> DataLoader:
+    """Batches of this rank's share of the epoch, from `start_position` (samples already seen) on."""
+    dataset.epoch = epoch
+    positions = rank_positions(epoch_order(len(dataset), dataset.seed, epoch), rank, world_size, batch_size)
+    return DataLoader(dataset, batch_size=batch_size, sampler=positions[start_position:].tolist(),
+                      num_workers=workers, drop_last=True, persistent_workers=False)
+
+
+def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
+    return num_samples // (world_size * batch_size)

@@ -1,0 +1,75 @@
+"""Training data: key join, deterministic order, rank split and exact resume position."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stages.base import StageConfigError
+from stages.training.data import (CaptionedImages, epoch_loader, eval_transform, index_samples, rank_positions,
+                                  train_transform)
+from tests.conftest import make_image_shards
+
+
+class _Tokenizer:
+    context_length = 4
+
+    def __call__(self, texts):
+        return torch.tensor([[len(t), 1, 2, 3] for t in texts])
+
+
+def _captions(root, unit, keys, per_key):
+    rows = {"key": keys, "captions": [[f"cap {k} {i}" for i in range(per_key(k))] for k in keys]}
+    path = root / "captions" / "t" / f"{unit}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), path)
+
+
+@pytest.fixture
+def run_root(tmp_path):
+    keys = make_image_shards(tmp_path, shards=2, per_shard=6)
+    for unit, unit_keys in zip(("000000", "000001"), keys):
+        _captions(tmp_path, unit, unit_keys, lambda k: int(k) % 4)  # 0..3 captions per image
+    return tmp_path
+
+
+def _dataset(root, k=2, transform=None):
+    refs = index_samples(root, ["000000", "000001"], "t")
+    mean, std = (0.5,) * 3, (0.5,) * 3
+    return CaptionedImages(refs, transform or eval_transform(16, mean, std), _Tokenizer(), k=k, seed=7)
+
+
+def test_join_by_key_with_classes_and_caption_masks(run_root):
+    dataset = _dataset(run_root)
+    assert len(dataset) == 12
+    item = dataset[3]  # key 000000003: 3 captions, capped at k=2; class 0
+    assert item["image"].shape == (3, 16, 16) and item["cls"] == 0
+    assert item["mask"].tolist() == [True, True]
+    assert item["tokens"][:, 0].tolist() == [len("cap 000000003 0"), len("cap 000000003 1")]
+    assert dataset[4]["mask"].tolist() == [False, False]  # key 4: no captions
+
+
+def test_key_mismatch_names_both_files(run_root):
+    _captions(run_root, "000001", ["x"] * 6, lambda k: 1)
+    with pytest.raises(StageConfigError, match=r"000001.parquet do not match .*000001.tar"):
+        index_samples(run_root, ["000000", "000001"], "t")
+
+
+def test_ranks_split_each_epoch_without_overlap():
+    order = np.random.default_rng(0).permutation(23)
+    parts = [rank_positions(order, r, 2, 4) for r in range(2)]
+    assert len(parts[0]) == len(parts[1]) == 8
+    assert not set(parts[0]) & set(parts[1])
+
+
+def test_resume_position_continues_with_the_very_next_sample(run_root):
+    dataset = _dataset(run_root, transform=train_transform(16, (0.5,) * 3, (0.5,) * 3))
+    full = list(epoch_loader(dataset, epoch=1, rank=0, world_size=1, batch_size=3, workers=2))
+    resumed = list(epoch_loader(dataset, epoch=1, rank=0, world_size=1, batch_size=3, start_position=6, workers=0))
+    assert [b["index"].tolist() for b in resumed] == [b["index"].tolist() for b in full[2:]]
+    for a, b in zip(full[2:], resumed):  # same augmentations whatever the worker count
+        assert torch.equal(a["image"], b["image"])
+    other_epoch = list(epoch_loader(dataset, epoch=2, rank=0, world_size=1, batch_size=3, workers=0))
+    assert [b["index"].tolist() for b in other_epoch] != [b["index"].tolist() for b in full]
