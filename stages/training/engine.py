@@ -1,0 +1,139 @@
+"""Training engines: DeepSpeed ZeRO through accelerate, or plain single-process torch.
+
+The only module that imports deepspeed or accelerate; the loop talks to `Engine` and does not care
+which one runs. DeepSpeed configs live in `launch/deepspeed/`; this module fills in what must match
+the run (micro batch, gradient clipping, mixed precision only on GPU). On CPU, processes talk over
+gloo: accelerate needs `InitProcessGroupKwargs(backend="gloo")` for that, since `cpu=True` would
+silently drop DeepSpeed. Launch several processes with `torchrun --nproc_per_node N -m pipeline ...`.
+
+    engine = make_engine(deepspeed_config="launch/deepspeed/zero2.json", micro_batch=32, grad_clip=1.0)
+    model, optimizer = engine.prepare(model, optimizer)
+    engine.backward(loss); engine.step()
+"""
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+
+class Engine(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare(self, model, optimizer): ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+    def save(self, folder: Path) -> None: ...
+
+    def load(self, folder: Path) -> None: ...
+
+    def unwrap(self, model): ...
+
+    def barrier(self) -> None: ...
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows, concatenated in rank order; gradients flow back to this rank's rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+    return torch.cat(all_gather(tensor), dim=0)
+
+
+class PlainEngine:
+    """One process, plain torch: clip the gradient norm, step, zero."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, grad_clip: float | None, device: str = "cpu") -> None:
+        self.grad_clip, self.device = grad_clip, torch.device(device)
+        self.model = self.optimizer = None
+
+    def prepare(self, model, optimizer):
+        self.model, self.optimizer = model.to(self.device), optimizer
+        return self.model, self.optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.grad_clip:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, folder / "state.pt")
+
+    def load(self, folder: Path) -> None:
+        state = torch.load(folder / "state.pt", map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def unwrap(self, model):
+        return model
+
+    def barrier(self) -> None:
+        pass
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO (stage from the config file) through accelerate; gradient clipping is done by
+    DeepSpeed after unscaling."""
+
+    def __init__(self, config: dict, micro_batch: int, grad_clip: float | None) -> None:
+        from accelerate import Accelerator, DeepSpeedPlugin
+        from accelerate.utils import InitProcessGroupKwargs
+
+        on_gpu = torch.cuda.is_available()
+        config = {**config, "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+                  "gradient_clipping": grad_clip or 0.0}
+        if not on_gpu:  # no mixed precision on CPU
+            config["bf16"], config["fp16"] = {"enabled": False}, {"enabled": False}
+        handlers = [] if on_gpu else [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=10))]
+        self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), kwargs_handlers=handlers)
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self.device = self.accelerator.device
+        self.model = self.optimizer = None
+
+    def prepare(self, model, optimizer):
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        return self.model, self.optimizer
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+    def save(self, folder: Path) -> None:
+        self.accelerator.save_state(str(folder))
+
+    def load(self, folder: Path) -> None:
+        self.accelerator.load_state(str(folder))
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+
+def make_engine(deepspeed_config: Path | None, micro_batch: int, grad_clip: float | None,
+                device: str = "cpu") -> Engine:
+    """DeepSpeed when a config file is given, plain torch otherwise."""
+    if deepspeed_config is None:
+        return PlainEngine(grad_clip, device)
+    return DeepSpeedEngine(json.loads(Path(deepspeed_config).read_text()), micro_batch, grad_clip)
