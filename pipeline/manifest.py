@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from stages.base import ManifestPath
 from stages.caption import CaptionConfig
 from stages.download import DownloadConfig
+from stages.finetune import FinetuneConfig
+from stages.realign import RealignConfig
 
-STAGE_ORDER = ("download", "caption")
+STAGE_ORDER = ("download", "caption", "finetune", "realign")
 
 
 class ManifestError(ValueError):
@@ -33,6 +35,8 @@ class StagesSection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     download: DownloadConfig | None = None
     caption: CaptionConfig | None = None
+    finetune: FinetuneConfig | None = None
+    realign: RealignConfig | None = None
 
 
 class Manifest(BaseModel):

@@ -1,12 +1,13 @@
 """Atomic file writing: a temporary name in the same folder, fsync, rename.
 
-A reader never sees a half-written file; a crash leaves at most a `.<name>.tmp` file, which
+A reader never sees a half-written file; a crash leaves at most a `.<name>.<random>.tmp` file, which
 `remove_orphans` deletes on the next start.
 """
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -15,8 +16,10 @@ TMP_SUFFIX = ".tmp"
 
 
 def tmp_path_for(path: Path) -> Path:
+    """A fresh temporary name beside `path`: unique per call, so processes that write the same file
+    at once (e.g. every rank writing `_SUCCESS.json`) never rename each other's temporary away."""
     path = Path(path)
-    return path.with_name(f".{path.name}{TMP_SUFFIX}")
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shards.atomic import remove_orphans, write_json_atomic
+from shards.atomic import write_json_atomic
 
 DONE_DIR = "_done"
 SUCCESS_FILE = "_SUCCESS.json"
@@ -45,10 +45,6 @@ def read_markers(stage_dir: Path, units: list[str]) -> dict[str, dict[str, Any]]
 
 def remove_marker(stage_dir: Path, unit: str) -> None:
     marker_path(stage_dir, unit).unlink(missing_ok=True)
-
-
-def remove_marker_orphans(stage_dir: Path) -> None:
-    remove_orphans(Path(stage_dir) / DONE_DIR)
 
 
 def write_success(stage_dir: Path, payload: dict[str, Any]) -> None:

@@ -104,8 +104,9 @@ class _ShardWriter:
 
 def caption_units(cfg, ctx: RunContext, plan: UnitPlan, images: Path) -> None:
     out = plan.stage_dir
-    for unit in plan.mine:
+    for unit in plan.mine:  # only this rank's units: other ranks may be writing theirs right now
         remove_orphans(out, unit)
+        remove_orphans(out / "_done", unit)
     captioner, scorer = build_captioner(cfg, ctx), _scorer(cfg)
     seed = plan.settings["seed"]
     transforms = [captioner.image_transform()] + ([scorer.preprocess] if scorer else [])

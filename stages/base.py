@@ -59,6 +59,16 @@ def _resolve_against_manifest(value: Any, handler, info: ValidationInfo) -> Path
     return path if path.is_absolute() or base is None else (Path(base) / path)
 
 
+def local_path_or_name(value: str | None, info: ValidationInfo) -> str | None:
+    """A model value that looks like a path (`/`, `./`, `../`, `~`) is taken from the manifest's
+    folder; a hub name or pretrained tag stays as written. Use as a pydantic field validator."""
+    if value is None or not value.startswith(("/", "./", "../", "~")):
+        return value
+    path = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    return str(path if path.is_absolute() or base is None else (Path(base) / path).resolve())
+
+
 # A path in a manifest: relative paths are taken from the manifest's folder.
 ManifestPath = Annotated[Path, WrapValidator(_resolve_against_manifest)]
 
@@ -113,11 +123,12 @@ def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def plan_units(stage: str, stage_dir: Path, units: list[str], settings: dict[str, Any],
-               ctx: RunContext) -> UnitPlan:
+               ctx: RunContext, split_by_rank: bool = True) -> UnitPlan:
     """Read markers, check fingerprints, and pick this rank's pending units.
 
     A done unit made with other settings is an error naming what changed; with `ctx.force` its
-    marker is removed so the unit is redone.
+    marker is removed so the unit is redone. Training stages (one collective unit that every rank
+    works on) pass `split_by_rank=False`.
     """
     fingerprint = fingerprint_of(settings)
     done = markers.read_markers(stage_dir, units)
@@ -128,11 +139,12 @@ def plan_units(stage: str, stage_dir: Path, units: list[str], settings: dict[str
             f"stage {stage}: {len(stale)} done unit(s) in {stage_dir} were made with other settings "
             f"({describe_change(example.get('settings', {}), settings)}); "
             "rerun with --force to redo them")
+    share = rank_split(units, ctx.rank, ctx.world_size) if split_by_rank else list(units)
     for unit in stale:
-        if unit in rank_split(units, ctx.rank, ctx.world_size):
+        if unit in share:
             markers.remove_marker(stage_dir, unit)
         del done[unit]
-    mine = [u for u in rank_split(units, ctx.rank, ctx.world_size) if u not in done]
+    mine = [u for u in share if u not in done]
     return UnitPlan(Path(stage_dir), fingerprint, settings, list(units), done, mine)
 
 

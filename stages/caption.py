@@ -17,26 +17,16 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from shards.naming import list_shards
-from stages.base import (ManifestPath, RunContext, StageConfig, StageConfigError, StageResult, finish_stage,
+from stages.base import (ManifestPath, local_path_or_name, RunContext, StageConfig, StageConfigError, StageResult, finish_stage,
                          plan_units, sum_counts)
 
 log = logging.getLogger(__name__)
 
 NAME = "caption"
 FORMAT_VERSION = 1
-_PATH_PREFIXES = ("/", "./", "../", "~")
-
-
-def _local_path_or_name(value: str | None, info: ValidationInfo) -> str | None:
-    """A value that looks like a path is taken from the manifest's folder; a hub name stays as is."""
-    if value is None or not value.startswith(_PATH_PREFIXES):
-        return value
-    path = Path(value).expanduser()
-    base = (info.context or {}).get("base_dir")
-    return str(path if path.is_absolute() or base is None else (Path(base) / path).resolve())
 
 
 class FilterConfig(BaseModel):
@@ -53,7 +43,7 @@ class ClipSpec(BaseModel):
     pretrained: str | None = None
     config_dir: ManifestPath | None = None
 
-    _paths = field_validator("pretrained")(_local_path_or_name)
+    _paths = field_validator("pretrained")(local_path_or_name)
 
 
 class CaptionConfig(StageConfig):
@@ -92,7 +82,7 @@ class CaptionConfig(StageConfig):
     min_score: float | None = None
     keep_top: PositiveInt | None = None
 
-    _paths = field_validator("model", "pretrained")(_local_path_or_name)
+    _paths = field_validator("model", "pretrained")(local_path_or_name)
 
     @model_validator(mode="after")
     def _backend_needs(self) -> "CaptionConfig":

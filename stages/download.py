@@ -182,9 +182,9 @@ def run(cfg: DownloadConfig, ctx: RunContext, retry_failed: bool = False) -> Sta
 
 def _remove_leftovers(out: Path, mine: list[str], ctx: RunContext) -> None:
     """Temporary files of this rank's units and its staging folder, left by a crash."""
-    for unit in mine:
+    for unit in mine:  # only this rank's units: other ranks may be writing theirs right now
         remove_orphans(out, unit)
-    markers.remove_marker_orphans(out)
+        remove_orphans(out / markers.DONE_DIR, unit)
     shutil.rmtree(_staging_root(out) / f"rank-{ctx.rank:05d}", ignore_errors=True)
     if ctx.is_main and _staging_root(out).is_dir():
         for folder in _staging_root(out).iterdir():  # ranks of an earlier, wider run

@@ -50,11 +50,12 @@ class SampleRef:
     jpg_size: int
     cls: int
     captions: tuple[str, ...]
+    alt_text: str = ""
 
 
-def _tar_members(tar: Path) -> tuple[list[str], dict[str, tuple[int, int]], dict[str, int]]:
-    """Keys in file order, (offset, size) of each key's jpg, and each key's class (from .cls)."""
-    keys, jpgs, classes = [], {}, {}
+def _tar_members(tar: Path) -> tuple[list[str], dict[str, tuple[int, int]], dict[str, int], dict[str, str]]:
+    """Keys in file order, (offset, size) of each key's jpg, each key's class (.cls) and alt text (.txt)."""
+    keys, jpgs, classes, alts = [], {}, {}, {}
     with tarfile.open(tar, "r:") as archive:
         for member in archive:
             key, _, ext = member.name.partition(".")
@@ -63,7 +64,9 @@ def _tar_members(tar: Path) -> tuple[list[str], dict[str, tuple[int, int]], dict
                 jpgs[key] = (member.offset_data, member.size)
             elif ext == "cls":
                 classes[key] = int(archive.extractfile(member).read())
-    return keys, jpgs, classes
+            elif ext == "txt":
+                alts[key] = archive.extractfile(member).read().decode("utf-8", "replace")
+    return keys, jpgs, classes, alts
 
 
 def index_samples(root: Path, units: list[str], tag: str | None) -> list[SampleRef]:
@@ -71,7 +74,7 @@ def index_samples(root: Path, units: list[str], tag: str | None) -> list[SampleR
     refs = []
     for unit in units:
         tar = Path(root) / "images" / f"{unit}.tar"
-        keys, jpgs, classes = _tar_members(tar)
+        keys, jpgs, classes, alts = _tar_members(tar)
         captions = {key: () for key in keys}
         if tag is not None:
             parquet = Path(root) / "captions" / tag / f"{unit}.parquet"
@@ -80,7 +83,7 @@ def index_samples(root: Path, units: list[str], tag: str | None) -> list[SampleR
                 raise StageConfigError(f"keys of {parquet} do not match {tar} "
                                        f"({len(table['key'])} vs {len(keys)} keys); rerun the caption stage")
             captions = {k: tuple(c) for k, c in zip(table["key"], table["captions"])}
-        refs += [SampleRef(tar, k, *jpgs[k], classes.get(k, -1), captions[k]) for k in keys]
+        refs += [SampleRef(tar, k, *jpgs[k], classes.get(k, -1), captions[k], alts.get(k, "")) for k in keys]
     return refs
 
 
@@ -122,7 +125,22 @@ class CaptionedImages(Dataset):
         return {"image": self.transform(image), "cls": ref.cls, "tokens": tokens, "mask": mask, "index": index}
 
 
-def epoch_loader(dataset: CaptionedImages, epoch: int, rank: int, world_size: int, batch_size: int,
+class EmbeddedTexts(Dataset):
+    """(frozen image embedding, tokenised text) pairs for re-alignment; same epoch order rules."""
+
+    def __init__(self, embeddings: np.ndarray, texts: list[str], tokenizer, seed: int) -> None:
+        self.embeddings, self.texts, self.tokenizer, self.seed = embeddings, texts, tokenizer, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"emb": torch.from_numpy(self.embeddings[index]), "tokens": self.tokenizer([self.texts[index]])[0],
+                "index": index}
+
+
+def epoch_loader(dataset: CaptionedImages | EmbeddedTexts, epoch: int, rank: int, world_size: int, batch_size: int,
                  start_position: int = 0, workers: int = 2) -> DataLoader:
     """Batches of this rank's share of the epoch, from `start_position` (samples already seen) on."""
     dataset.epoch = epoch

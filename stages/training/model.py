@@ -71,3 +71,15 @@ def export_model(model, path: Path) -> None:
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     with atomic_write(Path(path)) as handle:
         torch.save({"state_dict": state}, handle)
+
+
+class WithProxies(torch.nn.Module):
+    """The CLIP model plus learnable class proxies (Xavier-uniform), so one engine owns everything
+    that trains; the export holds only the CLIP model."""
+
+    def __init__(self, clip_model, classes: int) -> None:
+        super().__init__()
+        self.clip = clip_model
+        width = clip_model.text_projection.shape[1] if isinstance(clip_model.text_projection, torch.Tensor) \
+            else clip_model.text_projection.out_features
+        self.proxies = torch.nn.Parameter(torch.nn.init.xavier_uniform_(torch.empty(classes, width)))

@@ -17,16 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from stages.training.engine import gather_with_grad, make_engine  # noqa: E402
 from stages.training.losses import arc_margin_loss, multi_caption_loss  # noqa: E402
-from stages.training.model import build_model, freeze_for_finetune  # noqa: E402
-
-
-class MCIPModule(torch.nn.Module):
-    """The CLIP model plus class proxies, so one engine owns every trained parameter."""
-
-    def __init__(self, clip, classes: int) -> None:
-        super().__init__()
-        self.clip = clip
-        self.proxies = torch.nn.Parameter(torch.nn.init.xavier_uniform_(torch.empty(classes, clip.text_projection.shape[1])))
+from stages.training.model import WithProxies, build_model, freeze_for_finetune  # noqa: E402
 
 
 def main() -> None:
@@ -35,7 +26,7 @@ def main() -> None:
     torch.manual_seed(0)
     clip = build_model(arch, checkpoint, config_dir)
     freeze_for_finetune(clip.model)
-    module = MCIPModule(clip.model, classes=3)
+    module = WithProxies(clip.model, classes=3)
     text_before = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     image_before = module.clip.visual.conv1.weight.detach().clone()
     groups = [{"params": [p for n, p in module.named_parameters() if p.requires_grad and n != "proxies"], "lr": 1e-3},

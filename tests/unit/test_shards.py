@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from shards import markers
-from shards.atomic import atomic_write, remove_orphans, tmp_path_for, write_json_atomic
+from shards.atomic import atomic_write, remove_orphans, write_json_atomic
 from shards.index import write_shard_index
 from shards.naming import list_shards, rank_split, shard_name
 from shards.reader import iter_samples
@@ -51,7 +51,7 @@ def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
             handle.write("half")
             raise RuntimeError("crash")
     assert target.read_text() == "old"
-    assert not tmp_path_for(target).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
 
 
 def test_write_json_skips_identical_content(tmp_path):
@@ -64,12 +64,12 @@ def test_write_json_skips_identical_content(tmp_path):
 
 
 def test_remove_orphans_only_touches_temporary_files(tmp_path):
-    (tmp_path / ".000001.tar.tmp").write_bytes(b"x")
-    (tmp_path / ".000002.tar.tmp").write_bytes(b"x")
+    (tmp_path / ".000001.tar.3f2a.tmp").write_bytes(b"x")
+    (tmp_path / ".000002.tar.9c1b.tmp").write_bytes(b"x")
     (tmp_path / "000001.tar").write_bytes(b"x")
     removed = remove_orphans(tmp_path, "000001")
-    assert [p.name for p in removed] == [".000001.tar.tmp"]
-    assert (tmp_path / "000001.tar").exists() and (tmp_path / ".000002.tar.tmp").exists()
+    assert [p.name for p in removed] == [".000001.tar.3f2a.tmp"]
+    assert (tmp_path / "000001.tar").exists() and (tmp_path / ".000002.tar.9c1b.tmp").exists()
 
 
 def test_markers_roundtrip_and_bad_json_names_file(tmp_path):

@@ -1,0 +1,125 @@
+"""Finetune stage: the open_clip image tower trained with the MCIP losses (or ArcMargin alone).
+
+Reads  `images/` (class labels `.cls` required) and, for `loss: mcip`, `captions/<captions>/`.
+Writes `finetune/<name>/ckpt/step-XXXXXXXX/` (engine state + meta.json last), `metrics.jsonl`,
+       `final/model.pt` ({"state_dict": ...}, loadable by open_clip) and `_done/final.json` last.
+Run    `python -m stages.finetune MANIFEST`; several processes with DeepSpeed:
+       `torchrun --nproc_per_node N -m stages.finetune MANIFEST` and `deepspeed:` in the manifest.
+
+`loss: mcip`  = 0.75 ArcMargin(class proxies) + 0.25 Multi-Caption ArcMargin against the frozen
+                text tower's embeddings of each image's captions (shared/METHOD.md);
+`loss: gpr`   = ArcMargin only (2SFT stage 1). Trained: image tower (with projection) and proxies.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from stages.base import (ManifestPath, RunContext, StageConfig, StageConfigError, StageResult, finish_stage,
+                         local_path_or_name, plan_units, sum_counts)
+
+log = logging.getLogger(__name__)
+
+NAME = "finetune"
+FORMAT_VERSION = 1
+
+
+class FinetuneConfig(StageConfig):
+    """`stages.finetune` in the manifest; defaults are the authors' (shared/METHOD.md)."""
+
+    NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
+        {"num_workers", "deepspeed", "device", "checkpoint_every"})
+
+    name: str = Field("mcip", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str
+    pretrained: str | None = None
+    config_dir: ManifestPath | None = None
+    loss: Literal["mcip", "gpr"] = "mcip"
+    captions: str | None = None  # caption set (captions/<tag>), needed by loss mcip
+    captions_per_image: PositiveInt = 20
+    epochs: PositiveInt = 3
+    max_steps: PositiveInt | None = None
+    batch_size: PositiveInt = 128  # per process
+    lr: PositiveFloat = 1.0e-6
+    min_lr: float = Field(1.0e-7, ge=0)
+    proxy_lr_multiplier: PositiveFloat = 100.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: PositiveFloat = 1.0e-8
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: PositiveFloat | None = 1.0
+    scale: PositiveFloat = 30.0
+    margin: float = Field(0.1, ge=0)
+    arc_weight: float = Field(0.75, ge=0)
+    caption_weight: float = Field(0.25, ge=0)
+    max_term_weight: float = Field(0.1, ge=0)
+    checkpoint_every: PositiveInt = 500
+    num_workers: int = Field(2, ge=0)
+    deepspeed: ManifestPath | None = None
+    device: str = "cpu"
+
+    _paths = field_validator("pretrained")(local_path_or_name)
+
+    @model_validator(mode="after")
+    def _mcip_needs_captions(self) -> "FinetuneConfig":
+        if self.loss == "mcip" and not self.captions:
+            raise ValueError("loss 'mcip' needs `captions` (the caption set's tag)")
+        return self
+
+
+def stage_dir(root: Path, cfg: FinetuneConfig) -> Path:
+    return Path(root) / "finetune" / cfg.name
+
+
+def settings_of(cfg: FinetuneConfig, root: Path, seed: int) -> dict[str, Any]:
+    from stages.training.setup import checkpoint_identity, stage_fingerprint
+
+    inputs = {"images": stage_fingerprint(Path(root) / "images", "the download stage")}
+    if cfg.loss == "mcip":
+        inputs["captions"] = stage_fingerprint(Path(root) / "captions" / cfg.captions, f"caption set {cfg.captions!r}")
+    return {**cfg.fingerprint_settings(), "seed": seed, "inputs": inputs,
+            "pretrained_identity": checkpoint_identity(cfg.pretrained), "format_version": FORMAT_VERSION}
+
+
+def describe(cfg: FinetuneConfig, root: Path, seed: int = 0):
+    return stage_dir(root, cfg), ["final"], settings_of(cfg, root, seed)
+
+
+def check_inputs(cfg: FinetuneConfig) -> None:
+    if cfg.deepspeed is not None and not cfg.deepspeed.is_file():
+        raise StageConfigError(f"DeepSpeed config not found: {cfg.deepspeed}")
+    if cfg.pretrained and cfg.pretrained.startswith("/") and not Path(cfg.pretrained).is_file():
+        raise StageConfigError(f"pretrained checkpoint not found: {cfg.pretrained}")
+
+
+def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:
+    return sum_counts(done_markers)
+
+
+def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
+    from stages.training import finetuning
+
+    plan = plan_units(NAME, stage_dir(ctx.root, cfg), ["final"], settings_of(cfg, ctx.root, ctx.seed), ctx,
+                      split_by_rank=False)
+    if plan.mine:
+        finetuning.train(cfg, ctx, plan)
+    return finish_stage(NAME, plan, len(plan.mine), merge_counts)
+
+
+def class_count(root: Path) -> int:
+    labels = Path(root) / "images" / "labels.json"
+    if not labels.exists():
+        raise StageConfigError(f"finetune needs class labels: {labels} is missing (set label_col in download)")
+    return len(json.loads(labels.read_text())["labels"])
+
+
+if __name__ == "__main__":  # `python -m stages.finetune MANIFEST [--force]`
+    import sys
+
+    from pipeline.cli import main as pipeline_main
+
+    sys.exit(pipeline_main(["run", *sys.argv[1:2], "--stage", NAME, *sys.argv[2:]]))

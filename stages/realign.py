@@ -1,0 +1,110 @@
+"""Realign stage: the fine-tuned model's text tower re-aligned to its new image embeddings.
+
+Reads  `finetune/<source>/final/model.pt`, `images/`, and the texts: the downloaded alt text, or
+       the best caption of a caption set (`captions: <tag>`).
+Writes `embeddings/<name>/<shard>.npy` (image embeddings of the fine-tuned image tower, one unit per
+       shard, resumable, + `_done/`), then `realign/<name>/ckpt/...`, `metrics.jsonl`,
+       `final/model.pt` (fine-tuned image tower + realigned text tower) and `_done/final.json`.
+Run    `python -m stages.realign MANIFEST` (or under torchrun with `deepspeed:`).
+
+Trained: the last `unlocked_layers` text blocks, the final LayerNorm, the text projection and the
+logit scale (clamped to [0, ln 100]), with symmetric InfoNCE against the frozen image embeddings;
+negatives are gathered across ranks (shared/METHOD.md).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, PositiveFloat, PositiveInt
+
+from stages.base import (ManifestPath, RunContext, StageConfig, StageConfigError, StageResult, finish_stage,
+                         plan_units, sum_counts)
+
+log = logging.getLogger(__name__)
+
+NAME = "realign"
+FORMAT_VERSION = 1
+
+
+class RealignConfig(StageConfig):
+    """`stages.realign` in the manifest; defaults are the authors' (shared/METHOD.md)."""
+
+    NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
+        {"num_workers", "deepspeed", "device", "checkpoint_every", "embed_batch_size"})
+
+    name: str = Field("mcip", pattern=r"^[A-Za-z0-9_.-]+$")
+    source: str | None = None  # the finetune run to realign; default: the same name
+    model: str | None = None  # architecture; default: the one in finetune/<source>/final/model.json
+    config_dir: ManifestPath | None = None
+    captions: str | None = None  # texts: best caption of this set; default: the alt text
+    unlocked_layers: int = Field(1, ge=0)
+    epochs: PositiveInt = 1
+    max_steps: PositiveInt | None = None
+    batch_size: PositiveInt = 32768  # per process
+    lr: PositiveFloat = 1.0e-5
+    min_lr: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: PositiveFloat = 1.0e-6
+    weight_decay: float = Field(0.2, ge=0)  # matrices only
+    grad_clip: PositiveFloat | None = 1.0
+    checkpoint_every: PositiveInt = 500
+    embed_batch_size: PositiveInt = 256
+    num_workers: int = Field(2, ge=0)
+    deepspeed: ManifestPath | None = None
+    device: str = "cpu"
+
+    @property
+    def source_name(self) -> str:
+        return self.source or self.name
+
+
+def stage_dir(root: Path, cfg: RealignConfig) -> Path:
+    return Path(root) / "realign" / cfg.name
+
+
+def source_model(root: Path, cfg: RealignConfig) -> Path:
+    return Path(root) / "finetune" / cfg.source_name / "final" / "model.pt"
+
+
+def settings_of(cfg: RealignConfig, root: Path, seed: int) -> dict[str, Any]:
+    from stages.training.setup import checkpoint_identity, stage_fingerprint
+
+    inputs = {"finetune": stage_fingerprint(Path(root) / "finetune" / cfg.source_name, f"finetune {cfg.source_name!r}"),
+              "images": stage_fingerprint(Path(root) / "images", "the download stage")}
+    if cfg.captions:
+        inputs["captions"] = stage_fingerprint(Path(root) / "captions" / cfg.captions, f"caption set {cfg.captions!r}")
+    return {**cfg.fingerprint_settings(), "seed": seed, "inputs": inputs,
+            "source_identity": checkpoint_identity(str(source_model(root, cfg))), "format_version": FORMAT_VERSION}
+
+
+def describe(cfg: RealignConfig, root: Path, seed: int = 0):
+    return stage_dir(root, cfg), ["final"], settings_of(cfg, root, seed)
+
+
+def check_inputs(cfg: RealignConfig) -> None:
+    if cfg.deepspeed is not None and not cfg.deepspeed.is_file():
+        raise StageConfigError(f"DeepSpeed config not found: {cfg.deepspeed}")
+
+
+def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:
+    return sum_counts(done_markers)
+
+
+def run(cfg: RealignConfig, ctx: RunContext) -> StageResult:
+    from stages.training import realigning
+
+    plan = plan_units(NAME, stage_dir(ctx.root, cfg), ["final"], settings_of(cfg, ctx.root, ctx.seed), ctx,
+                      split_by_rank=False)
+    if plan.mine:
+        realigning.train(cfg, ctx, plan)
+    return finish_stage(NAME, plan, len(plan.mine), merge_counts)
+
+
+if __name__ == "__main__":  # `python -m stages.realign MANIFEST [--force]`
+    import sys
+
+    from pipeline.cli import main as pipeline_main
+
+    sys.exit(pipeline_main(["run", *sys.argv[1:2], "--stage", NAME, *sys.argv[2:]]))

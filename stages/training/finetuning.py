@@ -1,0 +1,77 @@
+"""The finetune stage's work: build the model and data, run the loop with the MCIP (or GPR) loss,
+export the final model. See stages/finetune.py for the stage's inputs and outputs."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from shards.naming import list_shards
+from stages.base import RunContext, StageConfigError, UnitPlan
+from stages.training.data import CaptionedImages, epoch_loader, index_samples, steps_per_epoch, train_transform
+from stages.training.losses import arc_margin_loss, multi_caption_loss
+from stages.training.loop import LoopPlan, cosine_lr, run_loop
+from stages.training.model import WithProxies, build_model, freeze_for_finetune
+from stages.training.setup import adamw, drop_stale_checkpoints, engine_for, finish_training
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
+    from stages.finetune import class_count
+
+    engine = engine_for(cfg, ctx)
+    clip = build_model(cfg.model, cfg.pretrained, cfg.config_dir, str(engine.device))
+    freeze_for_finetune(clip.model)
+    torch.manual_seed(ctx.seed)  # the same proxies on every rank
+    module = WithProxies(clip.model, class_count(ctx.root))
+    dataset = _dataset(cfg, ctx, clip)
+    per_epoch = steps_per_epoch(len(dataset), engine.world_size, cfg.batch_size)
+    if per_epoch == 0:
+        raise StageConfigError(f"finetune: {len(dataset)} samples are fewer than one batch of "
+                               f"{cfg.batch_size} x {engine.world_size} processes")
+    total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+    optimizer = adamw(module.named_parameters(), {"proxies": cfg.proxy_lr_multiplier}, cfg.betas, cfg.eps,
+                      cfg.weight_decay, decay_matrices_only=False)
+    model, optimizer = engine.prepare(module, optimizer)
+    loop_plan = LoopPlan(plan.stage_dir, plan.fingerprint, per_epoch, total, cfg.batch_size,
+                         cfg.checkpoint_every, cosine_lr(cfg.lr, cfg.min_lr, total))
+    drop_stale_checkpoints(plan.stage_dir, plan.fingerprint, ctx, engine)
+
+    def batches(epoch: int, start: int):
+        return epoch_loader(dataset, epoch, engine.rank, engine.world_size, cfg.batch_size, start, cfg.num_workers)
+
+    result = run_loop(engine, model, optimizer, loop_plan, batches,
+                      lambda batch: _loss(cfg, engine.unwrap(model), batch, engine.device))
+    if result.stopped_by_signal or result.step < total:
+        return
+    architecture = {"model": cfg.model, "config_dir": str(cfg.config_dir) if cfg.config_dir else None}
+    finish_training(engine, engine.unwrap(model).clip, architecture, plan, plan.stage_dir,
+                    {"counts": {"steps": result.step, "samples_seen": result.samples_seen}})
+
+
+def _dataset(cfg, ctx: RunContext, clip) -> CaptionedImages:
+    units = list_shards(ctx.root / "images" / "_done", ".json")
+    refs = index_samples(ctx.root, units, cfg.captions if cfg.loss == "mcip" else None)
+    unlabelled = next((r for r in refs if r.cls < 0), None)
+    if unlabelled is not None:
+        raise StageConfigError(f"finetune needs class labels: {unlabelled.tar} has no .cls for key {unlabelled.key}")
+    preprocess = clip.model.visual.preprocess_cfg
+    transform = train_transform(clip.image_size, preprocess["mean"], preprocess["std"])
+    return CaptionedImages(refs, transform, clip.tokenizer, cfg.captions_per_image, ctx.seed)
+
+
+def _loss(cfg, module: WithProxies, batch: dict, device) -> tuple[torch.Tensor, dict]:
+    dtype = next(module.clip.visual.parameters()).dtype
+    images, labels = batch["image"].to(device, dtype), batch["cls"].to(device)
+    image_emb = module.clip.encode_image(images)
+    arc = arc_margin_loss(image_emb, labels, module.proxies, cfg.scale, cfg.margin)
+    if cfg.loss == "gpr":
+        return arc, {"arc_margin": arc.detach()}
+    mask = batch["mask"]
+    owner = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask].to(device)
+    with torch.no_grad():  # the text tower is frozen: its caption embeddings are targets
+        caption_emb = module.clip.encode_text(batch["tokens"][mask].to(device))
+    multi = multi_caption_loss(image_emb, caption_emb, owner, cfg.scale, cfg.margin, cfg.max_term_weight)
+    loss = cfg.arc_weight * arc + cfg.caption_weight * multi
+    return loss, {"arc_margin": arc.detach(), "multi_caption": multi.detach()}

@@ -1,0 +1,103 @@
+"""The realign stage's work: image embeddings of the fine-tuned model (one resumable unit per shard),
+then InfoNCE training of the unlocked text layers against them. See stages/realign.py."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from shards.atomic import atomic_write
+from shards.naming import list_shards
+from stages.base import RunContext, StageConfigError, UnitPlan, plan_units
+from stages.training.data import CaptionedImages, EmbeddedTexts, epoch_loader, eval_transform, index_samples, steps_per_epoch
+from stages.training.engine import gather_with_grad
+from stages.training.loop import LoopPlan, cosine_lr, run_loop
+from stages.training.losses import clip_infonce_loss
+from stages.training.model import build_model, freeze_for_realign
+from stages.training.setup import adamw, checkpoint_identity, drop_stale_checkpoints, engine_for, finish_training
+
+log = logging.getLogger(__name__)
+MAX_LOGIT_SCALE = math.log(100)
+
+
+def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
+    from stages.realign import source_model
+
+    source = source_model(ctx.root, cfg)
+    architecture = json.loads(source.with_name("model.json").read_text())
+    arch, config_dir = cfg.model or architecture["model"], cfg.config_dir or architecture["config_dir"]
+    engine = engine_for(cfg, ctx)
+    clip = build_model(arch, str(source), config_dir, str(engine.device))
+    units = list_shards(ctx.root / "images" / "_done", ".json")
+    refs = index_samples(ctx.root, units, cfg.captions)
+    embeddings = image_embeddings(cfg, ctx, clip, refs, units, engine)
+    texts = [(r.captions[0] if r.captions else "") if cfg.captions else r.alt_text for r in refs]
+    keep = [i for i, text in enumerate(texts) if text.strip()]
+    dataset = EmbeddedTexts(embeddings[keep], [texts[i] for i in keep], clip.tokenizer, ctx.seed)
+    per_epoch = steps_per_epoch(len(dataset), engine.world_size, cfg.batch_size)
+    if per_epoch == 0:
+        raise StageConfigError(f"realign: {len(dataset)} image-text pairs are fewer than one batch of "
+                               f"{cfg.batch_size} x {engine.world_size} processes")
+    total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+    freeze_for_realign(clip.model, cfg.unlocked_layers)
+    optimizer = adamw(clip.model.named_parameters(), {}, cfg.betas, cfg.eps, cfg.weight_decay, decay_matrices_only=True)
+    model, optimizer = engine.prepare(clip.model, optimizer)
+    loop_plan = LoopPlan(plan.stage_dir, plan.fingerprint, per_epoch, total, cfg.batch_size, cfg.checkpoint_every,
+                         cosine_lr(cfg.lr, cfg.min_lr, total))
+    drop_stale_checkpoints(plan.stage_dir, plan.fingerprint, ctx, engine)
+
+    def batches(epoch: int, start: int):
+        return epoch_loader(dataset, epoch, engine.rank, engine.world_size, cfg.batch_size, start, cfg.num_workers)
+
+    result = run_loop(engine, model, optimizer, loop_plan, batches, lambda b: _loss(engine.unwrap(model), b, engine.device))
+    if result.stopped_by_signal or result.step < total:
+        return
+    finish_training(engine, engine.unwrap(model), {"model": arch, "config_dir": config_dir}, plan, plan.stage_dir,
+                    {"counts": {"steps": result.step, "samples_seen": result.samples_seen, "pairs": len(dataset)}})
+
+
+def _loss(model, batch: dict, device) -> tuple[torch.Tensor, dict]:
+    with torch.no_grad():  # METHOD.md: the learnable logit scale stays in [0, ln 100]
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    text_emb = model.encode_text(batch["tokens"].to(device))
+    image_emb = batch["emb"].to(device, text_emb.dtype)
+    loss = clip_infonce_loss(gather_with_grad(image_emb), gather_with_grad(text_emb), model.logit_scale.exp())
+    return loss, {"logit_scale": model.logit_scale.exp().detach()}
+
+
+def image_embeddings(cfg, ctx: RunContext, clip, refs, units: list[str], engine) -> np.ndarray:
+    """`embeddings/<name>/<shard>.npy` for every shard (this rank's share first, then any still
+    missing), concatenated in shard and key order."""
+    folder = ctx.root / "embeddings" / cfg.name
+    settings = {"source": checkpoint_identity(str(Path(ctx.root) / "finetune" / cfg.source_name / "final" / "model.pt")),
+                "format_version": 1}
+    preprocess = clip.model.visual.preprocess_cfg
+    dataset = CaptionedImages(refs, eval_transform(clip.image_size, preprocess["mean"], preprocess["std"]),
+                              clip.tokenizer, k=0, seed=ctx.seed)
+    starts = np.cumsum([0] + [sum(1 for r in refs if r.tar.stem == u) for u in units])
+    clip.model.eval()
+    for split in (True, False):  # own share, then (after everyone finished theirs) whatever is left
+        unit_plan = plan_units("embed", folder, units, settings, ctx, split_by_rank=split)
+        for unit in unit_plan.mine:
+            i = units.index(unit)
+            vectors = _embed(clip, dataset, range(starts[i], starts[i + 1]), cfg, engine.device)
+            with atomic_write(folder / f"{unit}.npy") as handle:
+                np.save(handle, vectors)
+            unit_plan.mark_done(unit, {"rows": len(vectors)})
+        engine.barrier()
+    clip.model.train()
+    return np.concatenate([np.load(folder / f"{u}.npy") for u in units])
+
+
+@torch.inference_mode()
+def _embed(clip, dataset, indexes, cfg, device) -> np.ndarray:
+    loader = DataLoader(dataset, batch_size=cfg.embed_batch_size, sampler=list(indexes), num_workers=cfg.num_workers)
+    dtype = next(clip.model.visual.parameters()).dtype
+    chunks = [torch.nn.functional.normalize(clip.model.encode_image(b["image"].to(device, dtype)).float(), dim=-1).cpu()
+              for b in loader]
+    return torch.cat(chunks).numpy().astype(np.float32)
