@@ -59,10 +59,11 @@ def register_configs(config_dir: Path | None) -> None:
     open_clip.add_model_config(str(config_dir))
 
 
-def load_clip(arch: str, pretrained: str | None = None, config_dir: Path | None = None,
+def load_clip(arch: str, pretrained: str | Path | None = None, config_dir: Path | None = None,
               device: str = "cpu", dtype: str = "float32") -> ClipModel:
     import open_clip
 
+    pretrained = str(pretrained) if pretrained is not None else None
     register_configs(config_dir)
     if not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
         raise CaptionerError(f"unknown open_clip architecture {arch!r} (add its JSON config folder with config_dir)")

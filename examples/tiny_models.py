@@ -26,20 +26,30 @@ def tiny_clip_config() -> dict:
             "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 
 
-def save_tiny_clip(folder: Path, seed: int = 0) -> tuple[str, Path, Path]:
-    """(architecture, checkpoint file, config folder) of a random tiny open_clip ViT."""
+SMALL_CLIP = "mcip-small-vit"
+
+
+def small_clip_config() -> dict:
+    """Compute-heavier than the tiny one, for benchmarks where the model, not data, should dominate."""
+    return {"embed_dim": 128,
+            "vision_cfg": {"image_size": 64, "layers": 6, "width": 256, "patch_size": 8, "head_width": 64},
+            "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 256, "heads": 4, "layers": 4}}
+
+
+def save_tiny_clip(folder: Path, seed: int = 0, name: str = TINY_CLIP, config: dict | None = None) -> tuple[str, Path, Path]:
+    """(architecture, checkpoint file, config folder) of a random open_clip ViT (tiny by default)."""
     import open_clip
 
     folder = Path(folder)
     config_dir = folder / "open_clip_configs"
     config_dir.mkdir(parents=True, exist_ok=True)
-    (config_dir / f"{TINY_CLIP}.json").write_text(json.dumps(tiny_clip_config(), indent=2))
+    (config_dir / f"{name}.json").write_text(json.dumps(config or tiny_clip_config(), indent=2))
     open_clip.add_model_config(str(config_dir))
     torch.manual_seed(seed)
-    model = open_clip.create_model(TINY_CLIP)
-    checkpoint = folder / f"{TINY_CLIP}.pt"
+    model = open_clip.create_model(name)
+    checkpoint = folder / f"{name}.pt"
     torch.save({"state_dict": model.state_dict()}, checkpoint)
-    return TINY_CLIP, checkpoint, config_dir
+    return name, checkpoint, config_dir
 
 
 def _fast_tokenizer(words: list[str], specials: dict[str, str], **extra):

@@ -3,11 +3,12 @@
     torchrun --nproc_per_node 2 tests/helpers/engine_check.py OUT_DIR ARCH CHECKPOINT CONFIG_DIR [DS_CONFIG]
 
 Writes OUT_DIR/rank<r>.json: losses per step, whether the text tower stayed bit-identical, whether
-the image tower changed, and a checksum of the proxies.
+the image tower changed, a checksum of the proxies and the peak resident memory (benchmarks/train.py).
 """
 from __future__ import annotations
 
 import json
+import resource
 import sys
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def main() -> None:
               "text_identical": all(torch.equal(p, text_before[n]) for n, p in inner.named_parameters() if n in text_before),
               "image_changed": not torch.equal(inner.clip.visual.conv1.weight.detach(), image_before),
               "proxies_sum": float(inner.proxies.detach().sum()), "gathered": gathered.flatten().tolist(),
-              "world_size": engine.world_size}
+              "world_size": engine.world_size,
+              "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{engine.rank}.json").write_text(json.dumps(result))
 
