@@ -31,6 +31,7 @@ test: venv
 bench: venv
 	$(PY) benchmarks/download.py
 	$(PY) benchmarks/caption.py
+	$(PY) benchmarks/train.py
 
 clean-demo:
 	rm -rf runs/demo
