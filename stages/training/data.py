@@ -140,13 +140,22 @@ class EmbeddedTexts(Dataset):
                 "index": index}
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGUSR1/SIGTERM to the main process, which checkpoints and then stops them; a
+    signal sent to the whole process group (srun, scancel) must not kill a worker mid-batch."""
+    import signal
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def epoch_loader(dataset: CaptionedImages | EmbeddedTexts, epoch: int, rank: int, world_size: int, batch_size: int,
                  start_position: int = 0, workers: int = 2) -> DataLoader:
     """Batches of this rank's share of the epoch, from `start_position` (samples already seen) on."""
     dataset.epoch = epoch
     positions = rank_positions(epoch_order(len(dataset), dataset.seed, epoch), rank, world_size, batch_size)
     return DataLoader(dataset, batch_size=batch_size, sampler=positions[start_position:].tolist(),
-                      num_workers=workers, drop_last=True, persistent_workers=False)
+                      num_workers=workers, drop_last=True, persistent_workers=False,
+                      worker_init_fn=_ignore_stop_signals if workers else None)
 
 
 def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:

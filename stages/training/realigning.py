@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +80,12 @@ def image_embeddings(cfg, ctx: RunContext, clip, refs, units: list[str], engine)
     preprocess = clip.model.visual.preprocess_cfg
     dataset = CaptionedImages(refs, eval_transform(clip.image_size, preprocess["mean"], preprocess["std"]),
                               clip.tokenizer, k=0, seed=ctx.seed)
-    starts = np.cumsum([0] + [sum(1 for r in refs if r.tar.stem == u) for u in units])
+    per_unit = Counter(r.tar.stem for r in refs)
+    starts = np.cumsum([0] + [per_unit[u] for u in units])
     clip.model.eval()
+    shares = RunContext(ctx.root, engine.rank, engine.world_size, ctx.seed, ctx.force)
     for split in (True, False):  # own share, then (after everyone finished theirs) whatever is left
-        unit_plan = plan_units("embed", folder, units, settings, ctx, split_by_rank=split)
+        unit_plan = plan_units("embed", folder, units, settings, shares, split_by_rank=split)
         for unit in unit_plan.mine:
             i = units.index(unit)
             vectors = _embed(clip, dataset, range(starts[i], starts[i + 1]), cfg, engine.device)

@@ -48,16 +48,14 @@ def adamw(named_parameters, lr_scales: dict[str, float], betas, eps: float, weig
 
 
 def engine_for(cfg, ctx: RunContext):
-    engine = make_engine(cfg.deepspeed, cfg.batch_size, cfg.grad_clip, cfg.device)
-    if (engine.rank, engine.world_size) != (ctx.rank, ctx.world_size):
-        raise StageConfigError(f"engine sees rank {engine.rank}/{engine.world_size}, the run context "
-                               f"{ctx.rank}/{ctx.world_size}; launch every process the same way")
-    return engine
+    """The engine; its rank and world size (from torchrun) are the ones training uses, whatever the
+    run context says (under srun + torchrun, SLURM_PROCID counts nodes, not processes)."""
+    return make_engine(cfg.deepspeed, cfg.batch_size, cfg.grad_clip, cfg.device)
 
 
 def drop_stale_checkpoints(out: Path, fingerprint: str, ctx: RunContext, engine) -> None:
     """With --force, checkpoints made with other settings are removed (by rank 0) before resuming."""
-    if ctx.force and ctx.is_main:
+    if ctx.force and engine.rank == 0:
         for meta in (out / "ckpt").glob("step-*/meta.json"):
             if json.loads(meta.read_text()).get("fingerprint") != fingerprint:
                 shutil.rmtree(meta.parent, ignore_errors=True)

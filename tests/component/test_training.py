@@ -75,7 +75,7 @@ def _kill_when(path_glob: str, folder: Path, process: subprocess.Popen, sig: int
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGUSR1])
 def test_interrupted_finetune_resumes_to_identical_parameters(tmp_path, tiny_models, sig):
-    settings = {"epochs": 20, "checkpoint_every": 4}
+    settings = {"epochs": 10, "checkpoint_every": 4, "num_workers": 1}  # the signal reaches the worker too
     for root in ("straight", "interrupted"):
         _images(tmp_path / root)
         _manifest(tmp_path, tiny_models, finetune=settings, root=root, name=f"{root}.yaml")
@@ -92,14 +92,14 @@ def test_interrupted_finetune_resumes_to_identical_parameters(tmp_path, tiny_mod
         assert process.returncode == 0  # checkpointed and stopped cleanly
     assert not (out / "final").exists(), "the interruption should land mid-training"
     metas = [json.loads(p.read_text()) for p in out.glob("ckpt/step-*/meta.json")]
-    assert metas and all(m["step"] < 120 for m in metas)
+    assert metas and all(m["step"] < 60 for m in metas)
 
     assert cli(["run", str(tmp_path / "interrupted.yaml"), "--stage", "finetune"]) == 0
     straight = _state(tmp_path / "straight" / "finetune" / "mcip" / "final" / "model.pt")
     resumed = _state(out / "final" / "model.pt")
     assert all(torch.equal(straight[n], resumed[n]) for n in straight)
     done = json.loads((out / "_done" / "final.json").read_text())
-    assert done["counts"] == {"steps": 120, "samples_seen": 480}  # 24 images / batch 4 x 20 epochs
+    assert done["counts"] == {"steps": 60, "samples_seen": 240}  # 24 images / batch 4 x 10 epochs
 
 
 def test_deepspeed_two_processes_finetune_and_realign(tmp_path, tiny_models):
