@@ -124,3 +124,36 @@ def test_deepspeed_two_processes_finetune_and_realign(tmp_path, tiny_models):
     assert done["counts"] == {"steps": 4, "samples_seen": 32}  # 32 images / (4 x 2 processes)
     embeddings = sorted((tmp_path / "run" / "embeddings" / "mcip" / "_done").glob("*.json"))
     assert {json.loads(p.read_text())["unit"] for p in embeddings} == {f"{i:06d}" for i in range(4)}
+
+
+def test_deepspeed_resume_after_sigusr1_equals_straight_run(tmp_path, tiny_models):
+    zero2 = str(REPO / "launch" / "deepspeed" / "zero2.json")
+    settings = {"deepspeed": zero2, "epochs": 6, "checkpoint_every": 2, "loss": "gpr"}
+    for root in ("straight", "interrupted"):
+        _images(tmp_path / root, shards=4, per_shard=8)
+        _manifest(tmp_path, tiny_models, finetune=settings, root=root, name=f"{root}.yaml")
+        assert cli(["run", str(tmp_path / f"{root}.yaml"), "--stage", "caption"]) == 0
+
+    def launch(root: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", "29644", "-m", "stages.finetune", str(tmp_path / f"{root}.yaml")],
+                                cwd=tmp_path, env=cli_env(), start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    assert launch("straight").wait(timeout=900) == 0
+    out = tmp_path / "interrupted" / "finetune" / "mcip"
+    process = launch("interrupted")
+    _kill_when("ckpt/step-*/meta.json", out, process, signal.SIGUSR1)
+    assert not (out / "final").exists(), "the signal should land mid-training"
+    assert launch("interrupted").wait(timeout=900) == 0
+    straight = _state(tmp_path / "straight" / "finetune" / "mcip" / "final" / "model.pt")
+    resumed = _state(out / "final" / "model.pt")
+    assert all(torch.equal(straight[n], resumed[n]) for n in straight)
+
+
+def test_finetune_without_labels_is_a_clear_error(tmp_path, tiny_models, capsys):
+    make_image_shards(tmp_path / "run", shards=1, per_shard=8)  # no labels.json: download had no label_col
+    manifest = _manifest(tmp_path, tiny_models)
+    assert cli(["run", str(manifest), "--stage", "caption"]) == 0
+    assert cli(["run", str(manifest), "--stage", "finetune"]) == 2
+    assert "finetune needs class labels" in capsys.readouterr().err.splitlines()[-1]
