@@ -17,11 +17,10 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from stages.base import (ManifestPath, RunContext, StageConfig, StageConfigError, StageResult, finish_stage,
-                         local_path_or_name, plan_units, sum_counts)
+from stages.base import (ManifestPath, RunContext, StageConfig, StageConfigError, StageResult,
+                         local_path_or_name, sum_counts)
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +95,15 @@ def check_inputs(cfg: FinetuneConfig) -> None:
         raise StageConfigError(f"pretrained checkpoint not found: {cfg.pretrained}")
 
 
-def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:
-    return sum_counts(done_markers)
+merge_counts = sum_counts
 
 
 def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     from stages.training import finetuning
+    from stages.training.setup import run_training_stage
 
-    plan = plan_units(NAME, stage_dir(ctx.root, cfg), ["final"], settings_of(cfg, ctx.root, ctx.seed), ctx,
-                      split_by_rank=False)
-    if plan.mine:
-        finetuning.train(cfg, ctx, plan)
-    return finish_stage(NAME, plan, len(plan.mine), merge_counts)
+    return run_training_stage(NAME, stage_dir(ctx.root, cfg), settings_of(cfg, ctx.root, ctx.seed), ctx,
+                              lambda plan: finetuning.train(cfg, ctx, plan))
 
 
 def class_count(root: Path) -> int:

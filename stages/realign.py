@@ -19,8 +19,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from stages.base import (ManifestPath, RunContext, StageConfig, StageConfigError, StageResult, finish_stage,
-                         plan_units, sum_counts)
+from stages.base import ManifestPath, RunContext, StageConfig, StageConfigError, StageResult, sum_counts
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +87,15 @@ def check_inputs(cfg: RealignConfig) -> None:
         raise StageConfigError(f"DeepSpeed config not found: {cfg.deepspeed}")
 
 
-def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:
-    return sum_counts(done_markers)
+merge_counts = sum_counts
 
 
 def run(cfg: RealignConfig, ctx: RunContext) -> StageResult:
     from stages.training import realigning
+    from stages.training.setup import run_training_stage
 
-    plan = plan_units(NAME, stage_dir(ctx.root, cfg), ["final"], settings_of(cfg, ctx.root, ctx.seed), ctx,
-                      split_by_rank=False)
-    if plan.mine:
-        realigning.train(cfg, ctx, plan)
-    return finish_stage(NAME, plan, len(plan.mine), merge_counts)
+    return run_training_stage(NAME, stage_dir(ctx.root, cfg), settings_of(cfg, ctx.root, ctx.seed), ctx,
+                              lambda plan: realigning.train(cfg, ctx, plan))
 
 
 if __name__ == "__main__":  # `python -m stages.realign MANIFEST [--force]`

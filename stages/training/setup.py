@@ -11,7 +11,7 @@ import torch
 
 from shards.atomic import write_json_atomic
 from shards.tars import file_sha256
-from stages.base import RunContext, StageConfigError, UnitPlan
+from stages.base import RunContext, StageConfigError, StageResult, UnitPlan, finish_stage, plan_units, sum_counts
 from stages.training.engine import make_engine
 from stages.training.model import export_model
 
@@ -60,6 +60,14 @@ def drop_stale_checkpoints(out: Path, fingerprint: str, ctx: RunContext, engine)
             if json.loads(meta.read_text()).get("fingerprint") != fingerprint:
                 shutil.rmtree(meta.parent, ignore_errors=True)
     engine.barrier()
+
+
+def run_training_stage(name: str, folder: Path, settings: dict[str, Any], ctx: RunContext, train) -> StageResult:
+    """A training stage is one unit that every rank works on together: `train(plan)` when not done."""
+    plan = plan_units(name, folder, [FINAL_UNIT], settings, ctx, split_by_rank=False)
+    if plan.mine:
+        train(plan)
+    return finish_stage(name, plan, len(plan.mine), sum_counts)
 
 
 def finish_training(engine, clip_model, architecture: dict[str, Any], plan: UnitPlan, out: Path,
