@@ -40,8 +40,9 @@ def _read_any(path: Path, fmt: str, columns: list[str] | None) -> pa.Table:
     return table.select(columns) if columns else table
 
 
-def read_table(path: Path, fmt: str | None = None, columns: list[str] | None = None) -> pa.Table:
-    """Read `columns` of a table; a missing column or an unreadable file is a `TableError`."""
+def check_columns(path: Path, fmt: str | None = None, columns: list[str] | None = None) -> str:
+    """Check, reading as little as the format allows, that the table opens and has `columns`;
+    return its format. Raises `TableError` naming the file and the column."""
     path = Path(path)
     fmt = fmt or infer_format(path)
     if not path.is_file():
@@ -53,6 +54,12 @@ def read_table(path: Path, fmt: str | None = None, columns: list[str] | None = N
     missing = [c for c in columns or [] if c not in names]
     if missing:
         raise TableError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)})")
+    return fmt
+
+
+def read_table(path: Path, fmt: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """Read `columns` of a table; a missing column or an unreadable file is a `TableError`."""
+    fmt = check_columns(path, fmt, columns)
     try:
         return _read_any(path, fmt, columns)
     except (pa.ArrowException, OSError) as err:

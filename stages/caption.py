@@ -125,18 +125,17 @@ def _input_fingerprint(root: Path) -> tuple[list[str], str]:
     return list_shards(images_dir(root) / "_done", ".json"), json.loads(success.read_text())["fingerprint"]
 
 
-def settings_of(cfg: CaptionConfig, root: Path, seed: int) -> dict[str, Any]:
+def settings_of(cfg: CaptionConfig, input_fingerprint: str, seed: int) -> dict[str, Any]:
     from stages._caption_run import model_identity
 
-    _, input_fingerprint = _input_fingerprint(root)
     return {**cfg.fingerprint_settings(), "seed": cfg.seed if cfg.seed is not None else seed,
             "input_fingerprint": input_fingerprint, "model_identity": model_identity(cfg),
             "format_version": FORMAT_VERSION}
 
 
 def describe(cfg: CaptionConfig, root: Path, seed: int = 0) -> tuple[Path, list[str], dict[str, Any]]:
-    units, _ = _input_fingerprint(root)
-    return stage_dir(root, cfg), units, settings_of(cfg, root, seed)
+    units, input_fingerprint = _input_fingerprint(root)
+    return stage_dir(root, cfg), units, settings_of(cfg, input_fingerprint, seed)
 
 
 def check_inputs(cfg: CaptionConfig) -> None:
@@ -156,8 +155,8 @@ def run(cfg: CaptionConfig, ctx: RunContext) -> StageResult:
     """Caption this rank's pending image shards."""
     from stages import _caption_run
 
-    units, _ = _input_fingerprint(ctx.root)
-    plan = plan_units(NAME, stage_dir(ctx.root, cfg), units, settings_of(cfg, ctx.root, ctx.seed), ctx)
+    units, input_fingerprint = _input_fingerprint(ctx.root)
+    plan = plan_units(NAME, stage_dir(ctx.root, cfg), units, settings_of(cfg, input_fingerprint, ctx.seed), ctx)
     if plan.mine:
         _caption_run.caption_units(cfg, ctx, plan, images_dir(ctx.root))
     result = finish_stage(NAME, plan, len(plan.mine), merge_counts)

@@ -31,7 +31,7 @@ from shards import markers
 from shards.atomic import remove_orphans, write_json_atomic
 from shards.index import write_shard_index
 from shards.naming import list_shards, shard_name
-from shards.tables import TableError, infer_format, read_parquet, read_table
+from shards.tables import TableError, check_columns, infer_format, read_parquet, read_table
 from shards.tars import file_sha256
 from stages.base import (ManifestPath, RunContext, StageConfig, StageConfigError, StageResult,
                          finish_stage, plan_units, sum_counts)
@@ -153,8 +153,12 @@ def describe(cfg: DownloadConfig, root: Path, seed: int = 0) -> tuple[Path, list
 
 
 def check_inputs(cfg: DownloadConfig) -> None:
-    """Raise StageConfigError if the URL table cannot be used (called by `validate`)."""
-    load_url_table(cfg)
+    """Raise StageConfigError if the URL table does not open or lacks a column; reads only its
+    header (the full read, with label checks, happens once when the stage runs)."""
+    try:
+        check_columns(cfg.url_list, cfg.table_format, [c for c in (cfg.url_col, cfg.caption_col, cfg.label_col) if c])
+    except TableError as err:
+        raise StageConfigError(str(err)) from err
 
 
 def run(cfg: DownloadConfig, ctx: RunContext, retry_failed: bool = False) -> StageResult:
