@@ -44,8 +44,9 @@ class ClipModel:
             tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
             features = self.model.encode_text(tokens)
             chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
-        width = self.model.text_projection.shape[-1] if chunks == [] else chunks[0].shape[1]
-        return np.concatenate(chunks) if chunks else np.zeros((0, width), np.float32)
+        if not chunks:
+            return np.zeros((0, self.model.text_projection.shape[-1]), np.float32)
+        return np.concatenate(chunks)
 
 
 def register_configs(config_dir: Path | None) -> None:

@@ -53,12 +53,12 @@ def run_stages(manifest: Manifest, ctx: RunContext, names: list[str],
         log.info("stage %s: start", name)
         result = stage_module(name).run(manifest.stage_config(name), ctx, **(options or {}).get(name, {}))
         results.append(result)
-        if ctx.is_main:
-            _write_resolved_manifest(manifest, ctx.root)
         if not result.is_complete:
             log.info("stage %s: %d/%d units done; later stages wait for it",
                      name, result.units_done, result.units_total)
             break
+    if ctx.is_main:  # once, after the stages: describing a stage re-reads its inputs
+        _write_resolved_manifest(manifest, ctx.root)
     return results
 
 

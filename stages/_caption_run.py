@@ -30,12 +30,9 @@ SCHEMA = pa.schema([("key", pa.string()), ("captions", pa.list_(pa.string())),
 def model_identity(cfg) -> dict[str, Any]:
     """What names the model's weights: names as written, plus the content hash of checkpoint files."""
     identity = {"model": cfg.model, "pretrained": cfg.pretrained}
-    for name in ("pretrained",):
-        value = getattr(cfg, name)
+    for name, value in (("pretrained", cfg.pretrained), ("score_with", cfg.score_with and cfg.score_with.pretrained)):
         if value and Path(value).is_file():
             identity[f"{name}_sha256"] = file_sha256(Path(value))
-    if cfg.score_with and cfg.score_with.pretrained and Path(cfg.score_with.pretrained).is_file():
-        identity["score_with_sha256"] = file_sha256(Path(cfg.score_with.pretrained))
     return identity
 
 
@@ -44,8 +41,9 @@ def _clip(spec_model: str, pretrained: str | None, config_dir, cfg):
     return load_clip(spec_model, pretrained, config_dir, cfg.device, cfg.dtype)
 
 
-def build_captioner(cfg, ctx: RunContext):
-    """The backend named in the config; errors become StageConfigError with the cause."""
+def build_captioner(cfg, ctx: RunContext, identity: dict[str, Any]):
+    """The backend named in the config; errors become StageConfigError with the cause. `identity` is
+    the model identity already in the stage's settings (checkpoint hashes are not computed twice)."""
     runtime = RuntimeOptions(cfg.device, cfg.dtype)
     generation = GenerationOptions(cfg.k, cfg.decoding, tuple(cfg.prompts), cfg.max_new_tokens, cfg.min_new_tokens,
                                    cfg.temperature, cfg.top_p, cfg.num_beams)
@@ -55,7 +53,7 @@ def build_captioner(cfg, ctx: RunContext):
         from stages._caption_bank import bank_embeddings, bank_fingerprint, read_bank
         texts = read_bank(cfg.bank, cfg.bank_col)
         clip = _clip(cfg.model, cfg.pretrained, cfg.config_dir, cfg)
-        cache = ctx.root / "caption_bank" / bank_fingerprint(cfg.bank, model_identity(cfg))
+        cache = ctx.root / "caption_bank" / bank_fingerprint(cfg.bank, identity)
         vectors = bank_embeddings(texts, clip, cache, cfg.bank_batch_size, ctx.rank, ctx.world_size, ctx.is_main)
         return get_captioner("retrieval", clip=clip, bank_texts=texts, bank_embeddings=vectors, k=cfg.k,
                              threshold=cfg.threshold, index_kind=cfg.index, nlist=cfg.ivf_nlist,
@@ -107,7 +105,7 @@ def caption_units(cfg, ctx: RunContext, plan: UnitPlan, images: Path) -> None:
     for unit in plan.mine:  # only this rank's units: other ranks may be writing theirs right now
         remove_orphans(out, unit)
         remove_orphans(out / "_done", unit)
-    captioner, scorer = build_captioner(cfg, ctx), _scorer(cfg)
+    captioner, scorer = build_captioner(cfg, ctx, plan.settings["model_identity"]), _scorer(cfg)
     seed = plan.settings["seed"]
     transforms = [captioner.image_transform()] + ([scorer.preprocess] if scorer else [])
     decode_size = max([captioner.input_size] + ([scorer.image_size] if scorer else []))
