@@ -1,35 +1,32 @@
-"""The built-in demo: generated images served on 127.0.0.1, then the pipeline on examples/demo.yaml.
+"""The built-in demo: the synthetic instance-retrieval world through the whole pipeline.
 
-    make demo            # or: .venv/bin/python -m examples.demo
+    make demo            # or: .venv/bin/python -m examples.demo [--manifest examples/demo.yaml]
 
-Writes once: runs/demo/urls.parquet (its URLs keep the port they were made with, so a second run
-resumes instead of seeing a changed input), a caption bank (many phrasings per meaning) and a tiny
-open_clip model. Serves the images while the stages run (download -> caption with the paper's
-caption-bank retrieval) and prints the status. A second run finds every unit done.
+Once per run root (kept by later runs): generates the world (examples/world.py) into `<root>/world/`
+and pre-trains its tiny CLIP (examples/world_clip.py) into `<root>/models/`. Then serves the world's
+files on 127.0.0.1 (the URL table keeps the port it was made with, so a second run resumes instead
+of seeing a changed input) while the stages of the manifest run: download -> caption (caption-bank
+retrieval) -> finetune (MCIP) -> realign -> evaluate, and prints the comparison table and the report's
+path. A second run finds every unit done and prints the table again.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import socket
 import sys
 from pathlib import Path
-from urllib.parse import urlparse
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+import torch
+import yaml
 
 from examples.image_server import ImageServer
+from examples.world import WorldSize
 from pipeline.cli import main as pipeline_main
+from pipeline.manifest import load_manifest
 
 MANIFEST = Path(__file__).with_name("demo.yaml")
-DEMO = Path(__file__).resolve().parents[1] / "runs" / "demo"
-URLS = DEMO / "urls.parquet"
-BANK = DEMO / "caption_bank.txt"
-MODELS = DEMO / "models"
-TEMPLATES = ["a {c} {s} on {b}", "a photo of a {c} {s} on a {b} background", "{c} {s}, {b} background",
-             "an image showing a {c} {s} in front of {b}", "a picture of a {c} {s}", "a {s} coloured {c} on {b}"]
-NUM_IMAGES = 300
-SHAPES = ["square", "circle"]
-COLOURS = ["red", "green", "blue", "yellow", "purple", "cyan"]
+THREADS = 2  # results depend on the thread count (shared/METHOD.md), so the demo pins it
 
 
 def free_port() -> int:
@@ -38,52 +35,60 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_url_table(port: int) -> None:
-    """Picture n: background colour n % 6, shape n % 2 (see examples/image_server.py)."""
-    urls = [f"http://127.0.0.1:{port}/img/{n}.jpg" for n in range(NUM_IMAGES)]
-    captions = [f"a {COLOURS[(n // 6 + 1) % 6]} {SHAPES[n % 2]} on {COLOURS[n % 6]}" for n in range(NUM_IMAGES)]
-    labels = [f"{SHAPES[n % 2]}-{COLOURS[n % 6]}" for n in range(NUM_IMAGES)]
-    URLS.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"url": urls, "caption": captions, "label": labels}), URLS)
+def prepare(root: Path, world_size=None, pretrain_steps: int = 1500, seed: int = 0) -> int:
+    """The world and its pre-trained CLIP under `root` (made once); returns the port of its URLs."""
+    from examples.world import generate
+    from examples.world_clip import pretrained_model
 
-
-def write_caption_bank() -> None:
-    """Every (colour, shape, background) meaning in several phrasings; written once."""
-    if BANK.exists():
-        return
-    lines = [t.format(c=c, s=s, b=b) for c in COLOURS for s in SHAPES for b in COLOURS if c != b for t in TEMPLATES]
-    BANK.parent.mkdir(parents=True, exist_ok=True)
-    BANK.write_text("\n".join(lines) + "\n")
-
-
-def write_clip_model() -> None:
-    from examples.tiny_models import TINY_CLIP, save_tiny_clip
-
-    if not (MODELS / f"{TINY_CLIP}.pt").exists():
-        save_tiny_clip(MODELS)
-
-
-def demo_port() -> int:
-    if URLS.exists():
-        return urlparse(pq.read_table(URLS, columns=["url"])["url"][0].as_py()).port
-    port = free_port()
-    write_url_table(port)
+    world, done = root / "world", root / "world" / "_world.json"
+    size = world_size or WorldSize()
+    about = {"seed": seed, "size": vars(size)}
+    if done.exists() and json.loads(done.read_text())["about"] == about:
+        port = json.loads(done.read_text())["port"]
+    else:
+        port = free_port()
+        generate(world, seed, size, port)
+        done.write_text(json.dumps({"about": about, "port": port}))  # last: the world is complete
+    pretrained_model(world, root / "models", steps=pretrain_steps, seed=seed)
     return port
 
 
-def main() -> int:
-    port = demo_port()
-    write_caption_bank()
-    write_clip_model()
+def run_root(manifest_path: Path) -> Path:
+    """`run.root` read before validation: the manifest names files that `prepare` has yet to write."""
+    root = Path(yaml.safe_load(Path(manifest_path).read_text())["run"]["root"])
+    return root if root.is_absolute() else (Path(manifest_path).resolve().parent / root).resolve()
+
+
+def evaluation_report(manifest_path: Path) -> Path | None:
+    manifest = load_manifest(manifest_path)
+    if manifest.stages.evaluate is None:
+        return None
+    folder = Path(manifest.run.root) / "evaluate" / manifest.stages.evaluate.name
+    return folder / "report.md" if (folder / "report.md").exists() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", type=Path, default=MANIFEST)
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument("--tiny-world", action="store_true", help="a few hundred pictures (the tests' size)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    root = run_root(args.manifest)
+    port = prepare(root, WorldSize.tiny() if args.tiny_world else None, args.pretrain_steps)
     try:
-        server = ImageServer(port)
+        server = ImageServer(port, folder=root / "world")
     except OSError as err:
         print(f"error: cannot serve the demo images on 127.0.0.1:{port} ({err}); "
-              f"free the port or delete {URLS.parent} to start over", file=sys.stderr)
+              f"free the port or delete {root / 'world'} to start over", file=sys.stderr)
         return 2
     with server:
-        code = pipeline_main(["run", str(MANIFEST)])
-    return code or pipeline_main(["status", str(MANIFEST)])
+        code = pipeline_main(["run", str(args.manifest)])
+    report = evaluation_report(args.manifest)
+    if code == 0 and report is not None:  # the evaluate stage has logged the table above
+        print(f"report: {report}")
+    return code
 
 
 if __name__ == "__main__":  # img2dataset's worker processes re-import this module

@@ -17,8 +17,9 @@ import struct
 import threading
 import time
 import zlib
-from functools import lru_cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from functools import lru_cache, partial
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -88,11 +89,19 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class ImageServer:
-    """`with ImageServer() as server: server.url("/img/3.jpg")` -> http://127.0.0.1:<port>/img/3.jpg"""
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
 
-    def __init__(self, port: int = 0) -> None:
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+
+class ImageServer:
+    """`with ImageServer() as server: server.url("/img/3.jpg")` -> http://127.0.0.1:<port>/img/3.jpg
+
+    `ImageServer(port, folder=F)` serves the files under F instead (the demo's generated world)."""
+
+    def __init__(self, port: int = 0, folder: Path | None = None) -> None:
+        handler = _Handler if folder is None else partial(_QuietFiles, directory=str(folder))
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.httpd.daemon_threads = True
         self.httpd.seen_flaky = set()  # per server, so each test starts with fresh flaky paths
         self.port = self.httpd.server_address[1]

@@ -1,10 +1,11 @@
-"""Command line: `python -m pipeline validate|plan|run|status MANIFEST` (also installed as `mcip`).
+"""Command line: `python -m pipeline validate|plan|run|status|submit MANIFEST` (also installed as `mcip`).
 
     python -m pipeline validate examples/demo.yaml
     python -m pipeline plan examples/demo.yaml
     python -m pipeline run examples/demo.yaml [--stage S | --from S] [--force] [--retry-failed]
     python -m pipeline status examples/demo.yaml [--json]
     python -m pipeline export examples/demo.yaml --captions retrieval --to runs/demo/export
+    python -m pipeline submit examples/demo.yaml [--dry-run]     # SLURM: one job per stage (slurm_cli.py)
 
 Exit code 0 on success; otherwise one line `error: ...` on stderr and exit code 2.
 """
@@ -13,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
-from pipeline import logs
+from pipeline import logs, slurm_cli
 from pipeline.context import context_from_env
 from pipeline.manifest import STAGE_ORDER, ManifestError, load_manifest
+from pipeline.slurm import SlurmError
 from pipeline.runner import check_inputs, run_stages, select_stages, stage_status
 from shards.tables import TableError
 from stages._img2dataset import ShardCheckError
@@ -26,7 +29,7 @@ from stages.base import StageConfigError
 
 log = logging.getLogger("pipeline")
 # Errors of input or state, reported as one line; anything else is a bug and keeps its traceback.
-KNOWN_ERRORS = (ManifestError, StageConfigError, TableError, ShardCheckError)
+KNOWN_ERRORS = (ManifestError, StageConfigError, TableError, ShardCheckError, SlurmError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("manifest")
     export.add_argument("--captions", required=True, metavar="TAG", help="caption set (captions/<TAG>)")
     export.add_argument("--to", required=True, type=Path, metavar="DIR", help="output folder")
+    slurm_cli.add_parsers(sub)
     return parser
 
 
@@ -92,8 +96,11 @@ def _status(args, manifest, ctx) -> int:
     if args.json:
         print(json.dumps({s.stage: s.to_dict() for s in statuses}, indent=2))
         return 0
+    extra = slurm_cli.job_lines(manifest.run.root, statuses)
     for s in statuses:
         print(f"{s.stage}: " + (f"waiting ({s.waiting_for})" if s.waiting_for else _status_line(s)))
+        for line in extra.get(s.stage, []):
+            print(f"  {line}")
     return 0
 
 
@@ -113,7 +120,14 @@ def _run(args, manifest, ctx) -> int:
         if "download" not in names:
             raise ManifestError("--retry-failed applies to the download stage, which is not selected")
         options["download"] = {"retry_failed": True}
-    run_stages(manifest, ctx, names, options, on_stage=logs.set_stage)
+    # SIGUSR1 (the SLURM launcher's "stop cleanly") interrupts a data stage like Ctrl-C: the unit in
+    # progress is abandoned, its temporary files removed; training installs its own checkpointing handler.
+    signal.signal(signal.SIGUSR1, signal.default_int_handler)
+    try:
+        run_stages(manifest, ctx, names, options, on_stage=logs.set_stage)
+    except KeyboardInterrupt:
+        log.warning("interrupted: the unit in progress was abandoned; a rerun resumes from the markers")
+        return 130
     return 0
 
 
@@ -125,4 +139,5 @@ def _export(args, manifest, ctx) -> int:
     return 0
 
 
-COMMANDS = {"validate": _validate, "plan": _plan, "status": _status, "run": _run, "export": _export}
+COMMANDS = {"validate": _validate, "plan": _plan, "status": _status, "run": _run, "export": _export,
+            "submit": slurm_cli.submit, "slurm-steps": slurm_cli.slurm_steps}

@@ -1,5 +1,9 @@
-"""Build the `RunContext` once from the environment: SLURM_PROCID/SLURM_NTASKS, else RANK/WORLD_SIZE,
-else rank 0 of 1. Nothing deeper in the project reads these variables."""
+"""Build the `RunContext` once from the environment. Nothing deeper in the project reads these variables.
+
+Order: torchrun's RANK/WORLD_SIZE inside a launched step (LOCAL_RANK set: under srun + torchrun,
+SLURM_PROCID counts nodes, not processes); then SLURM tasks, times the job-array task when the job is
+an array (rank = array index * SLURM_NTASKS + SLURM_PROCID); then RANK/WORLD_SIZE; else rank 0 of 1.
+"""
 from __future__ import annotations
 
 import os
@@ -9,13 +13,32 @@ from typing import Mapping
 from stages.base import RunContext
 
 
+def _checked(rank: int, world: int, what: str) -> tuple[int, int]:
+    if not 0 <= rank < world:
+        raise ValueError(f"{what}: rank {rank} is not in [0, {world})")
+    return rank, world
+
+
+def _slurm(env: Mapping[str, str]) -> tuple[int, int] | None:
+    if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env and "SLURM_ARRAY_TASK_ID" not in env:
+        return None
+    procid, ntasks = int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", "1"))
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return _checked(index * ntasks + procid, int(env["SLURM_ARRAY_TASK_COUNT"]) * ntasks,
+                        "SLURM_ARRAY_TASK_ID/SLURM_PROCID")
+    return _checked(procid, ntasks, "SLURM_PROCID/SLURM_NTASKS")
+
+
 def rank_and_world(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
-    for rank_var, world_var in (("SLURM_PROCID", "SLURM_NTASKS"), ("RANK", "WORLD_SIZE")):
-        if rank_var in env and world_var in env:
-            rank, world = int(env[rank_var]), int(env[world_var])
-            if not 0 <= rank < world:
-                raise ValueError(f"{rank_var}={rank} is not in [0, {world_var}={world})")
-            return rank, world
+    torchrun = "LOCAL_RANK" in env and "RANK" in env and "WORLD_SIZE" in env
+    if torchrun:
+        return _checked(int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK/WORLD_SIZE")
+    slurm = _slurm(env)
+    if slurm is not None:
+        return slurm
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return _checked(int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK/WORLD_SIZE")
     return 0, 1
 
 

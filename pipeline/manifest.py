@@ -12,13 +12,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.slurm_config import SlurmSection
 from stages.base import ManifestPath
 from stages.caption import CaptionConfig
 from stages.download import DownloadConfig
+from stages.evaluate import EvaluateConfig
 from stages.finetune import FinetuneConfig
 from stages.realign import RealignConfig
 
-STAGE_ORDER = ("download", "caption", "finetune", "realign")
+STAGE_ORDER = ("download", "caption", "finetune", "realign", "evaluate")
 
 
 class ManifestError(ValueError):
@@ -37,12 +39,14 @@ class StagesSection(BaseModel):
     caption: CaptionConfig | None = None
     finetune: FinetuneConfig | None = None
     realign: RealignConfig | None = None
+    evaluate: EvaluateConfig | None = None
 
 
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     run: RunSection
     stages: StagesSection = Field(default_factory=StagesSection)
+    slurm: SlurmSection = Field(default_factory=SlurmSection)  # resources when run as SLURM jobs
 
     def configured_stages(self) -> list[str]:
         return [name for name in STAGE_ORDER if getattr(self.stages, name) is not None]

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import run_log
 from pipeline.manifest import STAGE_ORDER, Manifest, resolved_yaml
 from shards import markers
 from shards.atomic import write_text_atomic
@@ -51,7 +53,9 @@ def run_stages(manifest: Manifest, ctx: RunContext, names: list[str],
         if on_stage:
             on_stage(name)
         log.info("stage %s: start", name)
+        started = time.time()
         result = stage_module(name).run(manifest.stage_config(name), ctx, **(options or {}).get(name, {}))
+        run_log.record_run(ctx.root, name, ctx.rank, ctx.world_size, started, time.time() - started, result)
         results.append(result)
         if not result.is_complete:
             log.info("stage %s: %d/%d units done; later stages wait for it",
@@ -84,9 +88,10 @@ class StageStatus:
     counts: dict[str, Any] = field(default_factory=dict)
     is_complete: bool = False
     waiting_for: str | None = None  # why the stage cannot be planned yet (its input is missing)
+    units: list[str] = field(default_factory=list, repr=False)  # all of them, in rank-split order
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "units"}
 
 
 def stage_status(manifest: Manifest, name: str) -> StageStatus:
@@ -100,5 +105,5 @@ def stage_status(manifest: Manifest, name: str) -> StageStatus:
     found = markers.read_markers(folder, units)
     done = {u: m for u, m in found.items() if m.get("fingerprint") == fingerprint}
     return StageStatus(stage=name, units_total=len(units), units_done=len(done),
-                       units_stale=len(found) - len(done), pending=[u for u in units if u not in done],
+                       units_stale=len(found) - len(done), pending=[u for u in units if u not in done], units=list(units),
                        counts=module.merge_counts(list(done.values())), is_complete=len(done) == len(units))

@@ -31,7 +31,8 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
 
     source = source_model(ctx.root, cfg)
     architecture = json.loads(source.with_name("model.json").read_text())
-    arch, config_dir = cfg.model or architecture["model"], cfg.config_dir or architecture["config_dir"]
+    arch = cfg.model or architecture["model"]
+    config_dir = str(cfg.config_dir) if cfg.config_dir else architecture["config_dir"]
     engine = engine_for(cfg, ctx)
     clip = build_model(arch, str(source), config_dir, str(engine.device))
     units = list_shards(ctx.root / "images" / "_done", ".json")

@@ -1,0 +1,179 @@
+"""Evaluate stage: several models on image-to-image, k-NN, zero-shot and text-to-image benchmarks.
+
+Reads  the models (a checkpoint file or pretrained tag, or a stage's output: `finetune/<name>`,
+       `realign/<name>`) and the datasets named in the manifest (stages/evaluation/datasets.py).
+Writes `evaluate/<name>/embeddings/<model>/<dataset>.npy` (cache), `metrics/<model>.json` and
+       `_done/<model>.json` per model (the unit of work), then `metrics.json`, `report.md` and the
+       plots `metrics.png`, `retrieval_grid.png` once every model is done.
+Run    `python -m stages.evaluate MANIFEST` (ranks split the models).
+
+Protocols (shared/METHOD.md): i2i mAP with every image querying all images including itself;
+k-NN (k 21, exp(cos/0.1) votes) with each class's images alternating between gallery and queries;
+zero-shot with class names through the 80 OpenAI ImageNet templates; text-to-image Recall@k and mAP
+with each distinct caption querying all images (relevant: the images carrying that caption).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+
+from stages.base import (ManifestPath, RunContext, StageConfig, StageConfigError, StageResult,
+                         finish_stage, local_path_or_name, plan_units)
+
+log = logging.getLogger(__name__)
+
+NAME = "evaluate"
+FORMAT_VERSION = 1
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageSource(_Section):
+    layout: Literal["gpr1200", "folder", "shards"]
+    path: ManifestPath | None = None  # shards: a run root (default: this run's)
+
+
+class KnnSection(_Section):
+    data: ImageSource
+    k: PositiveInt = 21
+    temperature: PositiveFloat = 0.1
+
+
+class ZeroShotSection(_Section):
+    data: ImageSource
+    class_names: ManifestPath  # json {label: name} or text `label<TAB>name` lines
+    templates: list[str] | None = None  # with '{}' for the name; default: the 80 OpenAI templates
+
+    @field_validator("templates")
+    @classmethod
+    def _placeholder(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (not value or any("{}" not in t for t in value)):
+            raise ValueError("templates must be a non-empty list of strings containing '{}'")
+        return value
+
+
+class TextToImageSection(_Section):
+    layout: Literal["karpathy", "shards"]
+    path: ManifestPath | None = None  # karpathy: the json; shards: a run root (default: this run's)
+    image_root: ManifestPath | None = None  # karpathy: where filepath/filename live (default: json's folder)
+    split: str = "test"
+    captions: str = "alt"  # shards: `alt` (the .txt alt text) or a caption set's tag
+    ks: list[PositiveInt] = [1, 5, 10]
+
+
+class ModelEntry(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    checkpoint: str | None = None  # a checkpoint file, a pretrained tag, or None for random weights
+    stage: str | None = Field(None, pattern=r"^(finetune|realign)/[A-Za-z0-9_.-]+$")
+
+    _paths = field_validator("checkpoint")(local_path_or_name)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelEntry":
+        if self.checkpoint and self.stage:
+            raise ValueError(f"model {self.name!r}: give `checkpoint` or `stage`, not both")
+        return self
+
+
+class EvaluateConfig(StageConfig):
+    """`stages.evaluate` in the manifest."""
+
+    NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset({"batch_size", "num_workers", "device"})
+
+    name: str = Field("eval", pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str  # the open_clip architecture of every model
+    config_dir: ManifestPath | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+    retrieval: dict[str, ImageSource] = {}
+    knn: KnnSection | None = None
+    zero_shot: ZeroShotSection | None = None
+    text_to_image: TextToImageSection | None = None
+    grid: str | None = None  # the retrieval dataset shown in retrieval_grid.png (default: the first)
+    batch_size: PositiveInt = 256
+    num_workers: int = Field(2, ge=0)
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EvaluateConfig":
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        if not (self.retrieval or self.knn or self.zero_shot or self.text_to_image):
+            raise ValueError("nothing to evaluate: set retrieval, knn, zero_shot or text_to_image")
+        if self.grid is not None and self.grid not in self.retrieval:
+            raise ValueError(f"grid {self.grid!r} is not a retrieval dataset ({', '.join(self.retrieval) or 'none'})")
+        return self
+
+
+def stage_dir(root: Path, cfg: EvaluateConfig) -> Path:
+    return Path(root) / "evaluate" / cfg.name
+
+
+def model_checkpoint(root: Path, entry: ModelEntry) -> str | None:
+    if entry.stage:
+        return str(Path(root) / entry.stage / "final" / "model.pt")
+    return entry.checkpoint
+
+
+def model_identity(root: Path, entry: ModelEntry) -> str | None:
+    """A stage output by its stage fingerprint (it must be complete); a file by content."""
+    from stages.training.setup import checkpoint_identity, stage_fingerprint
+
+    if entry.stage:
+        return stage_fingerprint(Path(root) / entry.stage, f"the {entry.stage} stage")
+    return checkpoint_identity(entry.checkpoint)
+
+
+def settings_of(cfg: EvaluateConfig, root: Path) -> dict[str, Any]:
+    from stages.evaluation.scoring import dataset_identities
+
+    return {**cfg.fingerprint_settings(), "format_version": FORMAT_VERSION,
+            "model_identities": {m.name: model_identity(root, m) for m in cfg.models},
+            "datasets": dataset_identities(cfg, root)}
+
+
+def describe(cfg: EvaluateConfig, root: Path, seed: int = 0):
+    return stage_dir(root, cfg), [m.name for m in cfg.models], settings_of(cfg, root)
+
+
+def check_inputs(cfg: EvaluateConfig) -> None:
+    for entry in cfg.models:
+        if entry.checkpoint and entry.checkpoint.startswith("/") and not Path(entry.checkpoint).is_file():
+            raise StageConfigError(f"evaluate: checkpoint of model {entry.name!r} not found: {entry.checkpoint}")
+    if cfg.zero_shot is not None and not cfg.zero_shot.class_names.is_file():
+        raise StageConfigError(f"evaluate: class names file not found: {cfg.zero_shot.class_names}")
+
+
+def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"models": len(done_markers)}
+
+
+def run(cfg: EvaluateConfig, ctx: RunContext) -> StageResult:
+    """Evaluate this rank's pending models; the main rank writes the report once all are done."""
+    from stages.evaluation import report, scoring
+
+    folder = stage_dir(ctx.root, cfg)
+    plan = plan_units(NAME, folder, [m.name for m in cfg.models], settings_of(cfg, ctx.root), ctx)
+    if plan.mine:
+        data = scoring.Datasets(cfg, ctx.root)
+        for entry in (m for m in cfg.models if m.name in plan.mine):
+            metrics = scoring.evaluate_model(cfg, ctx.root, entry, data, folder)
+            plan.mark_done(entry.name, {"metrics": metrics})
+    result = finish_stage(NAME, plan, len(plan.mine), merge_counts)
+    if result.is_complete and ctx.is_main:
+        table = report.write_report(cfg, ctx.root, folder, {u: plan.done[u]["metrics"] for u in plan.units})
+        log.info("evaluate[%s]:\n%s\nreport: %s", cfg.name, table, folder / "report.md")
+    return result
+
+
+if __name__ == "__main__":  # `python -m stages.evaluate MANIFEST [--force]`
+    import sys
+
+    from pipeline.cli import main as pipeline_main
+
+    sys.exit(pipeline_main(["run", *sys.argv[1:2], "--stage", NAME, *sys.argv[2:]]))
