@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: venv demo test bench clean-demo
+.PHONY: venv demo test bench clean-demo slurm-packages
 
 venv: $(STAMP)
 
@@ -25,13 +25,23 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(PY) -m examples.demo
 
-test: venv
+test: venv slurm-packages
 	$(PY) -m pytest -q
+
+# The SLURM tests start a one-node slurm-wlm on localhost (tests/slurm/); install it when missing.
+# Not fatal: without root or apt the SLURM tests skip and say why.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+slurm-packages:
+	@command -v slurmctld >/dev/null 2>&1 || { \
+	  apt-get install -y -q --no-install-recommends $(SLURM_PACKAGES) >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends $(SLURM_PACKAGES) >/dev/null 2>&1; } || \
+	  echo "note: could not install $(SLURM_PACKAGES); the SLURM tests will be skipped"; }
 
 bench: venv
 	$(PY) benchmarks/download.py
 	$(PY) benchmarks/caption.py
 	$(PY) benchmarks/train.py
+	$(PY) benchmarks/fidelity.py
 
 clean-demo:
 	rm -rf runs/demo

@@ -41,7 +41,7 @@ def pretrained_model(world: Path, out: Path, steps: int = 1500, seed: int = 0, b
     out = Path(out)
     config_dir = out / "open_clip_configs"
     config_dir.mkdir(parents=True, exist_ok=True)
-    (config_dir / f"{ARCH}.json").write_text(json.dumps(CONFIG, indent=2))
+    write_json_atomic(config_dir / f"{ARCH}.json", CONFIG)  # unchanged content: file left alone
     checkpoint, about = out / f"{ARCH}.pt", out / f"{ARCH}.json"
     settings = {"world": str(Path(world).resolve()), "steps": steps, "seed": seed, "batch_size": batch_size,
                 "lr": lr, "config": CONFIG}

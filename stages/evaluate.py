@@ -2,7 +2,7 @@
 
 Reads  the models (a checkpoint file or pretrained tag, or a stage's output: `finetune/<name>`,
        `realign/<name>`) and the datasets named in the manifest (stages/evaluation/datasets.py).
-Writes `evaluate/<name>/embeddings/<model>/<dataset>.npy` (cache), `metrics/<model>.json` and
+Writes `evaluate/<name>/embeddings/<model>/<image set hash>.npy` (cache), `metrics/<model>.json` and
        `_done/<model>.json` per model (the unit of work), then `metrics.json`, `report.md` and the
        plots `metrics.png`, `retrieval_grid.png` once every model is done.
 Run    `python -m stages.evaluate MANIFEST` (ranks split the models).

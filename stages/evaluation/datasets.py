@@ -46,14 +46,18 @@ class ImageSet:
     refs: list[ImageRef]
     labels: np.ndarray  # one label string per image
     groups: np.ndarray | None = None
+    _identity: str | None = field(default=None, repr=False, compare=False)
 
     def identity(self) -> str:
-        """Changes when any listed image is added, removed, resized or relabelled."""
+        """Changes when any listed image is added, removed, resized or relabelled (the name is not part)."""
+        if self._identity is not None:
+            return self._identity
         digest = hashlib.sha256()
         for ref, label in zip(self.refs, self.labels):
             stat = ref.path.stat()
             digest.update(f"{ref.path}|{ref.offset}|{ref.size}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
-        return digest.hexdigest()[:16]
+        self._identity = digest.hexdigest()[:16]
+        return self._identity
 
 
 @dataclass

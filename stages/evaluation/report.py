@@ -129,7 +129,7 @@ def plot_retrieval_grid(cfg, root: Path, folder: Path, dataset: str) -> None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from stages.evaluation.scoring import load_images
+    from stages.evaluation.scoring import embedding_file, load_images
 
     images = load_images(cfg.retrieval[dataset], root, dataset)
     shown = [cfg.models[0]] + ([cfg.models[-1]] if len(cfg.models) > 1 else [])
@@ -137,7 +137,7 @@ def plot_retrieval_grid(cfg, root: Path, folder: Path, dataset: str) -> None:
     figure, axes = plt.subplots(GRID_QUERIES, len(shown) * (GRID_RESULTS + 1),
                                 figsize=(1.0 * len(shown) * (GRID_RESULTS + 1), 1.1 * GRID_QUERIES), squeeze=False)
     for m, entry in enumerate(shown):
-        emb = np.load(folder / "embeddings" / entry.name / f"{dataset}.npy")
+        emb = np.load(embedding_file(folder, entry.name, images))
         for r, (q, results) in enumerate(grid_rows(emb, images.labels, queries)):
             for c, index in enumerate([q, *results]):
                 axis = axes[r, m * (GRID_RESULTS + 1) + c]

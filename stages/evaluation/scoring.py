@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from stages.evaluation import datasets, metrics
+from shards.atomic import write_json_atomic
 from stages.evaluation.embed import cached, embed_images
 
 log = logging.getLogger(__name__)
@@ -77,30 +78,44 @@ def evaluate_model(cfg, root: Path, entry, data: Datasets, out: Path) -> dict[st
 
     def image_embeddings(images: datasets.ImageSet) -> np.ndarray:
         about = {"model": identity, "images": images.identity(), "image_size": clip.image_size}
-        return cached(out / "embeddings" / entry.name / f"{images.name}.npy", about,
+        return cached(embedding_file(out, entry.name, images), about,
                       lambda: embed_images(clip, images, cfg.batch_size, cfg.num_workers))
 
     result: dict[str, Any] = {}
     for name, images in data.retrieval.items():
-        emb = image_embeddings(images)
-        result.setdefault("i2i_map", {})[name] = metrics.retrieval_map(emb, images.labels)
-        if images.groups is not None:
-            result.setdefault("i2i_map_by_group", {})[name] = metrics.retrieval_map_by_group(
-                emb, images.labels, images.groups)
+        result.update(_merge(result, retrieval(image_embeddings(images), images, name)))
     if cfg.knn:
         result["knn_top1"] = knn_top1(image_embeddings(data.knn), data.knn.labels, cfg.knn)
     if cfg.zero_shot:
         result["zero_shot"] = zero_shot(clip, image_embeddings(data.zero_shot), data.zero_shot.labels, cfg.zero_shot)
     if cfg.text_to_image:
         captions = data.text_to_image
-        img_emb, txt_emb = image_embeddings(captions.images), clip.encode_texts(captions.texts)
-        result["text_to_image"] = {
-            **metrics.text_to_image_recall(img_emb, txt_emb, captions.owners, cfg.text_to_image.ks),
-            "mAP": metrics.text_to_image_map(img_emb, txt_emb, captions.owners)}
-    from shards.atomic import write_json_atomic
-
+        result["text_to_image"] = text_to_image(image_embeddings(captions.images), clip.encode_texts(captions.texts),
+                                                captions.owners, cfg.text_to_image.ks)
     write_json_atomic(out / "metrics" / f"{entry.name}.json", result)
     return result
+
+
+def embedding_file(out: Path, model: str, images: datasets.ImageSet) -> Path:
+    """By content, not by dataset name: sets of the same images (e.g. one folder used for retrieval,
+    k-NN and zero-shot) share one file."""
+    return out / "embeddings" / model / f"{images.identity()}.npy"
+
+
+def _merge(result: dict[str, Any], part: dict[str, dict]) -> dict[str, Any]:
+    return {family: {**result.get(family, {}), **values} for family, values in part.items()}
+
+
+def retrieval(emb: np.ndarray, images: datasets.ImageSet, name: str) -> dict[str, dict]:
+    part = {"i2i_map": {name: metrics.retrieval_map(emb, images.labels)}}
+    if images.groups is not None:
+        part["i2i_map_by_group"] = {name: metrics.retrieval_map_by_group(emb, images.labels, images.groups)}
+    return part
+
+
+def text_to_image(img_emb: np.ndarray, txt_emb: np.ndarray, owners, ks) -> dict[str, float]:
+    return {**metrics.text_to_image_recall(img_emb, txt_emb, owners, ks),
+            "mAP": metrics.text_to_image_map(img_emb, txt_emb, owners)}
 
 
 def alternate_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
