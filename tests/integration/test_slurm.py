@@ -152,6 +152,8 @@ def test_submit_requeues_mid_caption_and_mid_training_and_resumes(cluster, tmp_p
     wait_until(lambda: captions_done() >= 1, what="a first caption shard",
                gave_up=cluster.ended(jobs["caption"], job_env()))
     cluster.signal_batch(jobs["caption"], job_env())
+    running = run_cli("status", str(manifest), cwd=tmp_path, SLURM_CONF=cluster.conf)
+    assert f"job {jobs['finetune']} PENDING" in running.stdout  # waits for the caption job (afterok)
     wait_until(lambda: any((root / "finetune" / "mcip" / "ckpt").glob("step-*/meta.json")), what="a checkpoint",
                gave_up=cluster.ended(jobs["finetune"], job_env()))
     cluster.signal_batch(jobs["finetune"], job_env())
