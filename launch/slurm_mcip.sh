@@ -54,7 +54,9 @@ run_data_stage() {  # STAGE LOGDIR
 run_training_stage() {  # STAGE LOGDIR
   local head
   head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  # one task per node holding all of the node's CPUs: torchrun's workers share them
   srun --export=ALL --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --kill-on-bad-exit=1 \
+    --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \
     --open-mode=append --output="$2/%j-node%n.log" \
     bash -c 'exec "$0" -m torch.distributed.run --nnodes="$SLURM_JOB_NUM_NODES" --node_rank="$SLURM_NODEID" \
       --nproc_per_node="$1" --master_addr="$2" --master_port="$3" \
@@ -74,9 +76,10 @@ requeue_or_stop() {
   exit 3
 }
 
-plan=$("$PYTHON" -m pipeline slurm-steps "$MANIFEST" "$@") || { say "cannot plan: $plan"; exit 2; }
+plan=$("$PYTHON" -m pipeline slurm-steps "$MANIFEST" "$@") || { say "cannot plan the stages (error above)"; exit 2; }
 while read -r stage kind logdir <&3; do  # fd 3: srun would swallow the plan on stdin
   [ -n "$stage" ] || continue
+  [ -n "$signalled" ] && requeue_or_stop  # the signal came between two stages
   mkdir -p "$logdir"
   say "stage $stage ($kind): start"
   "run_${kind}_stage" "$stage" "$logdir"
