@@ -119,13 +119,20 @@ def read_jobs(root: Path) -> dict[str, dict]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
+
+
 def job_states(job_ids: list[str]) -> dict[str, str]:
-    """Job id -> state (PENDING, RUNNING, ...) of the jobs squeue still lists; empty without squeue."""
+    """Job id -> state of those of `job_ids` that are still queued or running; empty without squeue.
+    The whole queue is listed and filtered here: `squeue -j` fails outright on one purged id."""
     if not job_ids or shutil.which("squeue") is None:
         return {}
-    done = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True, text=True)
-    states = {}
+    done = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True)
+    wanted, states = set(job_ids), {}
     for line in done.stdout.splitlines():
         job, _, state = line.partition(" ")
-        states[job.split("_")[0]] = state  # array tasks report as <id>_<index>
+        job = job.split("_")[0]  # array tasks report as <id>_<index>
+        if job in wanted and state in ACTIVE_STATES:
+            states[job] = state
     return states
