@@ -17,13 +17,15 @@ import os
 import socket
 import sys
 from pathlib import Path
+
 import torch
 import yaml
 
 from examples.image_server import ImageServer
-from examples.world import WorldSize
+from examples.world import WorldSize, generate
 from pipeline.cli import main as pipeline_main
 from pipeline.manifest import load_manifest
+from shards.atomic import write_json_atomic
 
 MANIFEST = Path(__file__).with_name("demo.yaml")
 THREADS = 2  # results depend on the thread count (shared/METHOD.md), so the demo pins it
@@ -37,7 +39,6 @@ def free_port() -> int:
 
 def prepare(root: Path, world_size=None, pretrain_steps: int = 1500, seed: int = 0) -> int:
     """The world and its pre-trained CLIP under `root` (made once); returns the port of its URLs."""
-    from examples.world import generate
     from examples.world_clip import pretrained_model
 
     world, done = root / "world", root / "world" / "_world.json"
@@ -48,7 +49,7 @@ def prepare(root: Path, world_size=None, pretrain_steps: int = 1500, seed: int =
     else:
         port = free_port()
         generate(world, seed, size, port)
-        done.write_text(json.dumps({"about": about, "port": port}))  # last: the world is complete
+        write_json_atomic(done, {"about": about, "port": port})  # last: the world is complete
     pretrained_model(world, root / "models", steps=pretrain_steps, seed=seed)
     return port
 

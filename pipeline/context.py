@@ -31,10 +31,7 @@ def _slurm(env: Mapping[str, str]) -> tuple[int, int] | None:
 
 
 def rank_and_world(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
-    torchrun = "LOCAL_RANK" in env and "RANK" in env and "WORLD_SIZE" in env
-    if torchrun:
-        return _checked(int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK/WORLD_SIZE")
-    slurm = _slurm(env)
+    slurm = None if "LOCAL_RANK" in env else _slurm(env)  # inside torchrun, its RANK counts processes
     if slurm is not None:
         return slurm
     if "RANK" in env and "WORLD_SIZE" in env:

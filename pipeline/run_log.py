@@ -1,7 +1,7 @@
 """A line per stage run per rank in `<root>/logs/runs.jsonl`: when, how long, which job and log.
 
 `status` reads it for the samples per second of a stage's last run and for the log of the task that
-owned each unit still pending (rank r of n owns units r, r+n, ...). Appending one short line with
+owned each unit still pending (the stages' own split, `shards.naming.rank_split`). Appending one short line with
 O_APPEND is atomic enough for several ranks writing at once.
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from shards.naming import rank_split
 
 SAMPLE_KEYS = ("rows", "images", "samples_seen", "models")  # download, caption, training, evaluate
 
@@ -68,5 +70,5 @@ def unit_logs(units: list[str], pending: list[str], runs: list[dict[str, Any]]) 
     """For each pending unit, the log of the task that owned it in the last run (None if unknown)."""
     by_rank = {r["rank"]: r.get("log") for r in runs}
     world = runs[0]["world"] if runs else 1
-    position = {u: i for i, u in enumerate(units)}
-    return {u: by_rank.get(position[u] % world) for u in pending}
+    owner = {u: rank for rank in range(world) for u in rank_split(units, rank, world)}
+    return {u: by_rank.get(owner[u]) for u in pending}

@@ -129,16 +129,17 @@ def model_identity(root: Path, entry: ModelEntry) -> str | None:
     return checkpoint_identity(entry.checkpoint)
 
 
-def settings_of(cfg: EvaluateConfig, root: Path) -> dict[str, Any]:
-    from stages.evaluation.scoring import dataset_identities
-
+def settings_of(cfg: EvaluateConfig, root: Path, data) -> dict[str, Any]:
+    """`data`: the config's datasets (scoring.Datasets), whose image sets are fingerprinted by content."""
     return {**cfg.fingerprint_settings(), "format_version": FORMAT_VERSION,
             "model_identities": {m.name: model_identity(root, m) for m in cfg.models},
-            "datasets": dataset_identities(cfg, root)}
+            "datasets": {images.name: images.identity() for images in data.image_sets()}}
 
 
 def describe(cfg: EvaluateConfig, root: Path, seed: int = 0):
-    return stage_dir(root, cfg), [m.name for m in cfg.models], settings_of(cfg, root)
+    from stages.evaluation.scoring import Datasets
+
+    return stage_dir(root, cfg), [m.name for m in cfg.models], settings_of(cfg, root, Datasets(cfg, root))
 
 
 def check_inputs(cfg: EvaluateConfig) -> None:
@@ -158,15 +159,16 @@ def run(cfg: EvaluateConfig, ctx: RunContext) -> StageResult:
     from stages.evaluation import report, scoring
 
     folder = stage_dir(ctx.root, cfg)
-    plan = plan_units(NAME, folder, [m.name for m in cfg.models], settings_of(cfg, ctx.root), ctx)
+    data = scoring.Datasets(cfg, ctx.root)  # listed once: for the fingerprint, the models and the report
+    plan = plan_units(NAME, folder, [m.name for m in cfg.models], settings_of(cfg, ctx.root, data), ctx)
     if plan.mine:
-        data = scoring.Datasets(cfg, ctx.root)
         for entry in (m for m in cfg.models if m.name in plan.mine):
-            metrics = scoring.evaluate_model(cfg, ctx.root, entry, data, folder)
+            identity = plan.settings["model_identities"][entry.name]
+            metrics = scoring.evaluate_model(cfg, ctx.root, entry, identity, data, folder)
             plan.mark_done(entry.name, {"metrics": metrics})
     result = finish_stage(NAME, plan, len(plan.mine), merge_counts)
     if result.is_complete and ctx.is_main:
-        table = report.write_report(cfg, ctx.root, folder, {u: plan.done[u]["metrics"] for u in plan.units})
+        table = report.write_report(cfg, data, folder, {u: plan.done[u]["metrics"] for u in plan.units})
         log.info("evaluate[%s]:\n%s\nreport: %s", cfg.name, table, folder / "report.md")
     return result
 

@@ -56,7 +56,7 @@ def markdown_table(all_metrics: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(cfg, root: Path, folder: Path, all_metrics: dict[str, dict[str, Any]]) -> str:
+def write_report(cfg, data, folder: Path, all_metrics: dict[str, dict[str, Any]]) -> str:
     table = markdown_table(all_metrics)
     files = [folder / n for n in ("metrics.json", "report.md", "metrics.png", "retrieval_grid.png")]
     previous = json.loads(files[0].read_text()) if files[0].exists() else None
@@ -67,7 +67,7 @@ def write_report(cfg, root: Path, folder: Path, all_metrics: dict[str, dict[str,
             + f".\n\n{table}\n\n![metrics](metrics.png)\n")
     grid = cfg.grid or next(iter(cfg.retrieval), None)
     if grid is not None:
-        plot_retrieval_grid(cfg, root, folder, grid)
+        plot_retrieval_grid(cfg, data.retrieval[grid], folder)
         text += f"\nTop-{GRID_RESULTS} results on `{grid}` (green: same class):\n\n![grid](retrieval_grid.png)\n"
     plot_metrics(all_metrics, folder / "metrics.png")
     write_text_atomic(folder / "report.md", text)
@@ -122,16 +122,15 @@ def grid_rows(emb: np.ndarray, labels: np.ndarray, queries: np.ndarray) -> list[
     return rows
 
 
-def plot_retrieval_grid(cfg, root: Path, folder: Path, dataset: str) -> None:
+def plot_retrieval_grid(cfg, images, folder: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from stages.evaluation.scoring import embedding_file, load_images
+    from stages.evaluation.scoring import embedding_file
 
-    images = load_images(cfg.retrieval[dataset], root, dataset)
     shown = [cfg.models[0]] + ([cfg.models[-1]] if len(cfg.models) > 1 else [])
     queries = np.linspace(0, len(images.refs) - 1, GRID_QUERIES).astype(int)
     figure, axes = plt.subplots(GRID_QUERIES, len(shown) * (GRID_RESULTS + 1),

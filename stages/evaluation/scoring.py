@@ -64,17 +64,14 @@ class Datasets:
         return sets
 
 
-def dataset_identities(cfg, root: Path) -> dict[str, str]:
-    return {s.name: s.identity() for s in Datasets(cfg, root).image_sets()}
-
-
-def evaluate_model(cfg, root: Path, entry, data: Datasets, out: Path) -> dict[str, Any]:
+def evaluate_model(cfg, root: Path, entry, identity: str | None, data: Datasets, out: Path) -> dict[str, Any]:
+    """`identity`: the model's fingerprint (stages.evaluate.model_identity), keying its cached embeddings."""
     from captioning.clip_models import load_clip
-    from stages.evaluate import model_checkpoint, model_identity
+    from stages.evaluate import model_checkpoint
 
-    clip = load_clip(cfg.model, model_checkpoint(root, entry), cfg.config_dir, cfg.device)
-    identity = model_identity(root, entry)
-    log.info("evaluate: model %s (%s)", entry.name, model_checkpoint(root, entry) or "random weights")
+    checkpoint = model_checkpoint(root, entry)
+    clip = load_clip(cfg.model, checkpoint, cfg.config_dir, cfg.device)
+    log.info("evaluate: model %s (%s)", entry.name, checkpoint or "random weights")
 
     def image_embeddings(images: datasets.ImageSet) -> np.ndarray:
         about = {"model": identity, "images": images.identity(), "image_size": clip.image_size}

@@ -21,13 +21,16 @@ SMALLER = {"finetune": {"epochs": 1, "max_steps": 4, "batch_size": 8, "checkpoin
            "caption": {"batch_size": 32}}
 
 
-def reduced_manifest(folder: Path) -> Path:
-    """demo.yaml with its run root moved into `folder` and the training cut to a few steps."""
-    text = DEMO_YAML.read_text().replace("../runs/demo", str(folder / "run"))
-    data = yaml.safe_load(text.replace("config_dir: ../", f"config_dir: {REPO}/"))
+def reduced_manifest(folder: Path, root: str = "run", shared: Path | None = None, **download) -> Path:
+    """demo.yaml with its run root at `folder/root`, the world and models in `shared` (default: the
+    run root, as in the demo), the training cut to a few steps, and download settings overridden."""
+    shared = shared or folder / root
+    text = DEMO_YAML.read_text().replace("root: ../runs/demo", f"root: {folder / root}")
+    data = yaml.safe_load(text.replace("../runs/demo", str(shared)).replace("config_dir: ../", f"config_dir: {REPO}/"))
     for stage, values in SMALLER.items():
         data["stages"][stage].update(values)
-    path = folder / "demo.yaml"
+    data["stages"]["download"].update(download)
+    path = folder / f"{root}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

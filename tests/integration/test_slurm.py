@@ -19,7 +19,7 @@ import yaml
 from examples.image_server import ImageServer
 from shards.tars import read_tar_samples
 from tests.conftest import REPO, cli_env, make_image_shards, run_cli
-from tests.integration.test_demo import SMALLER
+from tests.integration.test_demo import reduced_manifest
 from tests.slurm.cluster import Cluster, wait_until
 
 LAUNCHER = REPO / "launch" / "slurm_mcip.sh"
@@ -88,14 +88,7 @@ def demo_world(tmp_path_factory):
 
 
 def demo_manifest(folder: Path, root: str) -> Path:
-    text = (REPO / "examples" / "demo.yaml").read_text().replace("root: ../runs/demo", f"root: {folder / root}")
-    data = yaml.safe_load(text.replace("../runs/demo", str(folder / "shared")).replace("config_dir: ../", f"config_dir: {REPO}/"))
-    for stage, values in SMALLER.items():
-        data["stages"][stage].update(values)
-    data["stages"]["download"]["samples_per_shard"] = 16  # 4 shards for 2 tasks
-    path = folder / f"{root}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return reduced_manifest(folder, root, folder / "shared", samples_per_shard=16)  # 4 shards for 2 tasks
 
 
 def test_sbatch_runs_every_stage_like_the_local_run(cluster, demo_world):
