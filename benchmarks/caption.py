@@ -40,7 +40,8 @@ from stages import caption  # noqa: E402
 from stages.base import RunContext  # noqa: E402
 
 BATCH = 32
-GENERATION = GenerationOptions(captions_per_image=3, decoding="beam", max_new_tokens=12, min_new_tokens=4)
+K = 3
+GENERATION = GenerationOptions(decoding="beam", max_new_tokens=12, min_new_tokens=4)
 
 
 def photo_jpeg(n: int, size: int = 256) -> bytes:
@@ -64,7 +65,7 @@ def make_shards(root: Path, images: int, per_shard: int = 64) -> list[bytes]:
 
 
 def naive(model_dir: Path, jpegs: list[bytes]) -> float:
-    captioner = get_captioner("blip", model=str(model_dir), generation=GENERATION)
+    captioner = get_captioner("blip", model=str(model_dir), k=K, generation=GENERATION)
     transform = captioner.image_transform()
     start = time.perf_counter()
     for jpeg in jpegs:
@@ -74,7 +75,7 @@ def naive(model_dir: Path, jpegs: list[bytes]) -> float:
 
 
 def bound(model_dir: Path, jpegs: list[bytes]) -> float:
-    captioner = get_captioner("blip", model=str(model_dir), generation=GENERATION)
+    captioner = get_captioner("blip", model=str(model_dir), k=K, generation=GENERATION)
     transform = captioner.image_transform()
     pixels = torch.stack([transform(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs])
     start = time.perf_counter()
@@ -84,9 +85,8 @@ def bound(model_dir: Path, jpegs: list[bytes]) -> float:
 
 
 def ours(model_dir: Path, root: Path, workers: int) -> float:
-    cfg = caption.CaptionConfig(backend="blip", model=str(model_dir), decoding="beam", captions_per_image=3,
-                                max_new_tokens=12, min_new_tokens=4, batch_size=BATCH, num_workers=workers,
-                                filter={"min_words": 0, "dedupe": False})
+    cfg = caption.CaptionConfig(backend="blip", model=str(model_dir), captions_per_image=K, generation=GENERATION,
+                                batch_size=BATCH, num_workers=workers, filter={"min_words": 0, "dedupe": False})
     start = time.perf_counter()
     result = caption.run(cfg, RunContext(root=root))
     assert result.is_complete

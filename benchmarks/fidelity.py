@@ -36,7 +36,7 @@ COLUMNS = {"i2i mAP": ("i2i_map", "world"), "k-NN top-1": ("knn_top1",), "zero-s
 
 def manifests(root: Path) -> list[dict]:
     """Two manifests over one run root: the GPR variant, then MCIP with the evaluation of all five."""
-    models, world = root / "models", root / "world"
+    models = root / "models"
     clip = {"model": "mcip-world-rn", "config_dir": str(models / "open_clip_configs")}
     base = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text().replace("../runs/demo", str(root)))
     stages = base["stages"]

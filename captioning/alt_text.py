@@ -23,5 +23,5 @@ class AltTextCaptioner:
         return CaptionBatchResult([[t] if t and t.strip() else [] for t in alt_texts])
 
 
-def build(**_options) -> AltTextCaptioner:
+def build() -> AltTextCaptioner:
     return AltTextCaptioner()

@@ -12,6 +12,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from captioning.options import GenerationOptions, RuntimeOptions, SearchOptions  # noqa: F401 (re-exported)
+
 BACKENDS = {"blip": "captioning.blip", "llava": "captioning.llava", "retrieval": "captioning.retrieval",
             "alt_text": "captioning.alt_text"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -19,26 +21,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class CaptionerError(ValueError):
     """A captioner that cannot be built (missing model folder, empty caption bank, bad option)."""
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """How generative backends pick k captions: nucleus sampling, beam search or one per prompt."""
-
-    captions_per_image: int = 5
-    decoding: str = "sample"  # sample | beam | prompts
-    prompts: tuple[str, ...] = ()
-    max_new_tokens: int = 30
-    min_new_tokens: int = 5
-    temperature: float = 1.0
-    top_p: float = 0.9
-    num_beams: int | None = None
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    device: str = "cpu"
-    dtype: str = "float32"
 
 
 @dataclass
@@ -62,7 +44,8 @@ class Captioner(Protocol):
 
 
 def get_captioner(name: str, **options) -> Captioner:
-    """Build the backend `name` ("blip" | "llava" | "retrieval" | "alt_text")."""
+    """Build the backend `name` ("blip" | "llava" | "retrieval" | "alt_text") from the typed options
+    its `build` takes (captioning/options.py); an option it does not take is a TypeError."""
     if name not in BACKENDS:
         raise CaptionerError(f"unknown caption backend {name!r} (backends: {', '.join(BACKENDS)})")
     return importlib.import_module(BACKENDS[name]).build(**options)

@@ -5,12 +5,10 @@ from captioning.base import CaptionerError, GenerationOptions, RuntimeOptions
 from captioning.generative import GenerativeCaptioner
 
 
-def build(model: str | None = None, generation: GenerationOptions = GenerationOptions(),
-          runtime: RuntimeOptions = RuntimeOptions(), **_unused) -> GenerativeCaptioner:
+def build(model: str, k: int = 5, generation: GenerationOptions = GenerationOptions(),
+          runtime: RuntimeOptions = RuntimeOptions()) -> GenerativeCaptioner:
     if not model:
         raise CaptionerError("the blip backend needs `model` (a hub name or a local folder)")
     prompts = list(generation.prompts)
-    if generation.decoding == "prompts" and not prompts:
-        raise CaptionerError("decoding 'prompts' needs at least one prompt")
     # BLIP conditions on a text prefix; without prompts it captions from the image alone
-    return GenerativeCaptioner("blip", model, generation, runtime, prompts, prompts)
+    return GenerativeCaptioner("blip", model, k, generation, runtime, prompts, prompts)

@@ -51,9 +51,9 @@ def load_pretrained(model: str, runtime: RuntimeOptions):
 class GenerativeCaptioner:
     """k captions per image from a vision-language model; see the module docstring."""
 
-    def __init__(self, name: str, model: str, options: GenerationOptions, runtime: RuntimeOptions,
+    def __init__(self, name: str, model: str, k: int, options: GenerationOptions, runtime: RuntimeOptions,
                  prompts: list[str], chat_prompts: list[str]) -> None:
-        self.name, self.model_name, self.options, self.runtime = name, model, options, runtime
+        self.name, self.model_name, self.k, self.options, self.runtime = name, model, k, options, runtime
         self.model, self.processor, self.model_type = load_pretrained(model, runtime)
         self.prompts = prompts  # as written in the manifest (recorded in caption shards)
         self._prompt_ids = [self._encode_prompt(text) for text in chat_prompts]
@@ -81,7 +81,7 @@ class GenerativeCaptioner:
             captions = [[texts[i][0] for texts in per_prompt] for i in range(len(pixels))]
         else:
             ids = self._prompt_ids[0] if self._prompt_ids else None
-            captions = self._generate(pixels, ids, self.options.captions_per_image)
+            captions = self._generate(pixels, ids, self.k)
         return CaptionBatchResult(captions, prompts=self.prompts)
 
     def _generate(self, pixels: torch.Tensor, prompt_ids: torch.Tensor | None, k: int) -> list[list[str]]:

@@ -16,16 +16,16 @@ def chat_prompt(processor, prompt: str) -> str:
 
 
 class LlavaCaptioner(GenerativeCaptioner):
-    def __init__(self, model: str, generation: GenerationOptions, runtime: RuntimeOptions) -> None:
+    def __init__(self, model: str, k: int, generation: GenerationOptions, runtime: RuntimeOptions) -> None:
         self._prompts_as_written = list(generation.prompts) or [DEFAULT_PROMPT]
-        super().__init__("llava", model, generation, runtime, self._prompts_as_written, [])
+        super().__init__("llava", model, k, generation, runtime, self._prompts_as_written, [])
         if getattr(self.processor, "chat_template", None) is None:
             raise CaptionerError(f"caption model {model!r}: its processor has no chat template")
         self._prompt_ids = [self._encode_prompt(chat_prompt(self.processor, p)) for p in self.prompts]
 
 
-def build(model: str | None = None, generation: GenerationOptions = GenerationOptions(),
-          runtime: RuntimeOptions = RuntimeOptions(), **_unused) -> LlavaCaptioner:
+def build(model: str, k: int = 5, generation: GenerationOptions = GenerationOptions(),
+          runtime: RuntimeOptions = RuntimeOptions()) -> LlavaCaptioner:
     if not model:
         raise CaptionerError("the llava backend needs `model` (a hub name or a local folder)")
-    return LlavaCaptioner(model, generation, runtime)
+    return LlavaCaptioner(model, k, generation, runtime)

@@ -12,6 +12,7 @@ import torch
 from captioning.base import CaptionBatchResult, CaptionerError
 from captioning.clip_models import ClipModel
 from captioning.knn import build_index, search, top_k_above
+from captioning.options import SearchOptions
 
 
 class RetrievalCaptioner:
@@ -19,10 +20,10 @@ class RetrievalCaptioner:
     prompts: list[str] = []
 
     def __init__(self, clip: ClipModel, bank_texts: list[str], bank_embeddings: np.ndarray, k: int,
-                 threshold: float, index_kind: str, nlist: int, nprobe: int) -> None:
+                 options: SearchOptions) -> None:
         self.clip, self.model_name = clip, clip.name
-        self.bank_texts, self.k, self.threshold = bank_texts, k, threshold
-        self.index = build_index(bank_embeddings, index_kind, nlist, nprobe)
+        self.bank_texts, self.k, self.threshold = bank_texts, k, options.threshold
+        self.index = build_index(bank_embeddings, options.index, options.ivf_nlist, options.ivf_nprobe)
 
     def image_transform(self):
         return self.clip.preprocess
@@ -39,11 +40,10 @@ class RetrievalCaptioner:
                                   [[s for _, s in row] for row in hits])
 
 
-def build(clip: ClipModel | None = None, bank_texts: list[str] | None = None,
-          bank_embeddings: np.ndarray | None = None, k: int = 20, threshold: float = 0.271,
-          index_kind: str = "flat", nlist: int = 1024, nprobe: int = 32, **_unused) -> RetrievalCaptioner:
+def build(clip: ClipModel, bank_texts: list[str], bank_embeddings: np.ndarray, k: int = 20,
+          options: SearchOptions = SearchOptions()) -> RetrievalCaptioner:
     if clip is None:
         raise CaptionerError("the retrieval backend needs an open_clip model")
     if not bank_texts or bank_embeddings is None or len(bank_texts) != len(bank_embeddings):
         raise CaptionerError("the retrieval backend needs a non-empty caption bank with one embedding per caption")
-    return RetrievalCaptioner(clip, bank_texts, bank_embeddings, k, threshold, index_kind, nlist, nprobe)
+    return RetrievalCaptioner(clip, bank_texts, bank_embeddings, k, options)

@@ -66,8 +66,13 @@ def _fast_tokenizer(words: list[str], specials: dict[str, str], **extra):
 def save_tiny_blip(folder: Path, seed: int = 0, width: int = 32, layers: int = 2, image_size: int = 32,
                    patch_size: int = 8) -> Path:
     """A random BLIP; the defaults make it tiny, larger values make a compute-heavier one for benchmarks."""
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
-                              BlipProcessor)
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})  # transformers 5: vocab=, not vocab_file=

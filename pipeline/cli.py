@@ -14,22 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 from pipeline import logs, slurm_cli
 from pipeline.context import context_from_env
-from pipeline.manifest import STAGE_ORDER, ManifestError, load_manifest
-from pipeline.slurm import SlurmError
+from pipeline.manifest import ManifestError, load_manifest
+from pipeline.registry import STAGE_ORDER
 from pipeline.runner import check_inputs, run_stages, select_stages, stage_status
-from shards.tables import TableError
-from stages._img2dataset import ShardCheckError
-from stages.base import StageConfigError
+from shards import identity
+from stages.errors import StageError
 
 log = logging.getLogger("pipeline")
-# Errors of input or state, reported as one line; anything else is a bug and keeps its traceback.
-KNOWN_ERRORS = (ManifestError, StageConfigError, TableError, ShardCheckError, SlurmError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="download: re-download the rows that failed into extra shards")
     export = sub.add_parser("export", help="write images + one caption set as plain webdataset shards")
     export.add_argument("manifest")
-    export.add_argument("--captions", required=True, metavar="TAG", help="caption set (captions/<TAG>)")
+    export.add_argument("--captions", required=True, metavar="SET", help="caption set (captions/<SET>)")
     export.add_argument("--to", required=True, type=Path, metavar="DIR", help="output folder")
     slurm_cli.add_parsers(sub)
     return parser
@@ -64,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = load_manifest(args.manifest)
         ctx = context_from_env(manifest.run.root, manifest.run.seed, force=getattr(args, "force", False))
+        identity.use_cache_dir(os.environ.get("MCIP_CACHE_DIR") or Path.home() / ".cache" / "mcip-pipeline")
         logs.setup_logging(ctx.rank, ctx.world_size, args.verbose)
         return COMMANDS[args.command](args, manifest, ctx)
-    except KNOWN_ERRORS as err:
+    except StageError as err:  # input or state a user can fix (stages/errors.py); anything else is a bug
         print(f"error: {err}", file=sys.stderr)
         return 2
 

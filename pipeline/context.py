@@ -11,21 +11,30 @@ from pathlib import Path
 from typing import Mapping
 
 from stages.base import RunContext
+from stages.errors import StageConfigError
+
+
+def _int(env: Mapping[str, str], name: str, default: str | None = None) -> int:
+    value = env.get(name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise StageConfigError(f"environment variable {name}={value!r} is not a whole number") from None
 
 
 def _checked(rank: int, world: int, what: str) -> tuple[int, int]:
     if not 0 <= rank < world:
-        raise ValueError(f"{what}: rank {rank} is not in [0, {world})")
+        raise StageConfigError(f"{what}: rank {rank} is not in [0, {world})")
     return rank, world
 
 
 def _slurm(env: Mapping[str, str]) -> tuple[int, int] | None:
     if "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env and "SLURM_ARRAY_TASK_ID" not in env:
         return None
-    procid, ntasks = int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", "1"))
+    procid, ntasks = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS", "1")
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return _checked(index * ntasks + procid, int(env["SLURM_ARRAY_TASK_COUNT"]) * ntasks,
+        index = _int(env, "SLURM_ARRAY_TASK_ID") - _int(env, "SLURM_ARRAY_TASK_MIN", "0")
+        return _checked(index * ntasks + procid, _int(env, "SLURM_ARRAY_TASK_COUNT") * ntasks,
                         "SLURM_ARRAY_TASK_ID/SLURM_PROCID")
     return _checked(procid, ntasks, "SLURM_PROCID/SLURM_NTASKS")
 
@@ -35,7 +44,7 @@ def rank_and_world(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
     if slurm is not None:
         return slurm
     if "RANK" in env and "WORLD_SIZE" in env:
-        return _checked(int(env["RANK"]), int(env["WORLD_SIZE"]), "RANK/WORLD_SIZE")
+        return _checked(_int(env, "RANK"), _int(env, "WORLD_SIZE"), "RANK/WORLD_SIZE")
     return 0, 1
 
 

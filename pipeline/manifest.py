@@ -10,20 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from pipeline.registry import STAGE_ORDER, STAGES
 from pipeline.slurm_config import SlurmSection
 from stages.base import ManifestPath
-from stages.caption import CaptionConfig
-from stages.download import DownloadConfig
-from stages.evaluate import EvaluateConfig
-from stages.finetune import FinetuneConfig
-from stages.realign import RealignConfig
-
-STAGE_ORDER = ("download", "caption", "finetune", "realign", "evaluate")
+from stages.errors import StageConfigError
 
 
-class ManifestError(ValueError):
+class ManifestError(StageConfigError):
     """A manifest that cannot be used; the message is one line naming file, key and value."""
 
 
@@ -33,13 +28,9 @@ class RunSection(BaseModel):
     seed: int = 0
 
 
-class StagesSection(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    download: DownloadConfig | None = None
-    caption: CaptionConfig | None = None
-    finetune: FinetuneConfig | None = None
-    realign: RealignConfig | None = None
-    evaluate: EvaluateConfig | None = None
+# `stages:` has one optional key per registered stage, in run order
+StagesSection = create_model("StagesSection", __config__=ConfigDict(extra="forbid", frozen=True),
+                             **{spec.name: (spec.config | None, None) for spec in STAGES})
 
 
 class Manifest(BaseModel):

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from shards.naming import rank_split
+from stages.layout import RunLayout
 
 SAMPLE_KEYS = ("rows", "images", "samples_seen", "models")  # download, caption, training, evaluate
 
 
 def runs_file(root: Path) -> Path:
-    return Path(root) / "logs" / "runs.jsonl"
+    return RunLayout(root).runs_log
 
 
 def job_info(root: Path, stage: str, env=os.environ) -> dict[str, Any]:
@@ -26,9 +27,9 @@ def job_info(root: Path, stage: str, env=os.environ) -> dict[str, Any]:
     if not job:
         return {}
     if "LOCAL_RANK" in env:  # training: one log per node (torchrun runs every process of the node)
-        log = Path(root) / "logs" / stage / f"{job}-node{env.get('SLURM_NODEID', '0')}.log"
+        log = RunLayout(root).logs(stage) / f"{job}-node{env.get('SLURM_NODEID', '0')}.log"
     else:
-        log = Path(root) / "logs" / stage / f"{job}-task{env.get('SLURM_PROCID', '0')}.log"
+        log = RunLayout(root).logs(stage) / f"{job}-task{env.get('SLURM_PROCID', '0')}.log"
     return {"job_id": job, "restart": int(env.get("SLURM_RESTART_COUNT", "0")), "log": str(log)}
 
 

@@ -1,12 +1,11 @@
 """Runs stages in order and reports their state (`plan`, `status`).
 
-Each stage module offers `run(cfg, ctx, **options)`, `describe(cfg, root)`, `check_inputs(cfg)` and
-`merge_counts(markers)`;
-the unit bookkeeping itself (markers, fingerprints, rank split) is in `stages.base`.
+The stages and what a stage module offers are in `pipeline.registry`; the unit bookkeeping itself
+(markers, fingerprints, rank split) is in `stages.base`. A stage whose input is not ready
+(`InputNotReady`) is "waiting"; any other error is reported as it is.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,18 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import run_log
-from pipeline.manifest import STAGE_ORDER, Manifest, resolved_yaml
+from pipeline.manifest import Manifest, resolved_yaml
+from pipeline.registry import stage_module
 from shards import markers
 from shards.atomic import write_text_atomic
-from stages.base import RunContext, StageConfigError, StageResult, fingerprint_of
+from stages.base import RunContext, StageResult, fingerprint_of
+from stages.errors import InputNotReady, StageError
+from stages.layout import RunLayout
 
 log = logging.getLogger(__name__)
-
-
-def stage_module(name: str):
-    if name not in STAGE_ORDER:
-        raise ValueError(f"unknown stage {name!r} (stages: {', '.join(STAGE_ORDER)})")
-    return importlib.import_module(f"stages.{name}")
 
 
 def select_stages(manifest: Manifest, only: str | None = None, start: str | None = None) -> list[str]:
@@ -72,10 +68,10 @@ def _write_resolved_manifest(manifest: Manifest, root: Path) -> None:
     for name in manifest.configured_stages():
         try:
             _, _, settings = stage_module(name).describe(manifest.stage_config(name), root, manifest.run.seed)
-        except StageConfigError:  # its input stage has not finished yet
+        except StageError:  # not ready yet, or unusable: that stage reports it when it runs
             continue
         fingerprints[name] = fingerprint_of(settings)
-    write_text_atomic(root / "manifest.resolved.yaml", resolved_yaml(manifest, fingerprints))
+    write_text_atomic(RunLayout(root).resolved_manifest, resolved_yaml(manifest, fingerprints))
 
 
 @dataclass
@@ -99,7 +95,7 @@ def stage_status(manifest: Manifest, name: str) -> StageStatus:
     module = stage_module(name)
     try:
         folder, units, settings = module.describe(manifest.stage_config(name), manifest.run.root, manifest.run.seed)
-    except StageConfigError as err:
+    except InputNotReady as err:
         return StageStatus(stage=name, units_total=0, units_done=0, units_stale=0, waiting_for=str(err))
     fingerprint = fingerprint_of(settings)
     found = markers.read_markers(folder, units)

@@ -19,22 +19,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.manifest import Manifest
-from pipeline.slurm_config import TRAINING_STAGES, SlurmResources
+from pipeline.registry import stage_spec
+from pipeline.slurm_config import SlurmResources
 from shards.atomic import write_json_atomic
+from stages.errors import StageError
+from stages.layout import RunLayout
 
 LAUNCHER = Path(__file__).resolve().parents[1] / "launch" / "slurm_mcip.sh"
 
 
-class SlurmError(RuntimeError):
+class SlurmError(StageError):
     """sbatch/squeue missing or refusing a job; the message says which command and why."""
 
 
 def log_dir(root: Path, stage: str) -> Path:
-    return Path(root) / "logs" / stage
+    return RunLayout(root).logs(stage)
 
 
 def jobs_file(root: Path) -> Path:
-    return Path(root) / "slurm" / "jobs.json"
+    return RunLayout(root).slurm_jobs
 
 
 @dataclass
@@ -87,7 +90,7 @@ def dry_run_text(jobs: list[SlurmJob]) -> str:
     """Every sbatch command, dependencies as `$JOB_<previous stage>`, and the launcher script."""
     lines, previous = [], None
     for job in jobs:
-        kind = "torchrun per node" if job.stage in TRAINING_STAGES else "tasks share the units"
+        kind = "torchrun per node" if stage_spec(job.stage).kind == "training" else "tasks share the units"
         lines.append(f"# {job.stage}: {job.pending} ({kind})")
         after = f"$JOB_{previous.upper()}" if previous else None
         lines.append(f"JOB_{job.stage.upper()}=$(" + shlex.join(job.command(after)).replace(

@@ -7,9 +7,8 @@ adds per stage (job ids in the queue, failed units with their logs, samples/s of
 from __future__ import annotations
 
 from pipeline import run_log, slurm
-from pipeline.manifest import STAGE_ORDER
+from pipeline.registry import STAGE_ORDER, stage_spec
 from pipeline.runner import StageStatus, select_stages
-from pipeline.slurm_config import TRAINING_STAGES
 
 
 def add_parsers(sub) -> None:
@@ -36,8 +35,7 @@ def submit(args, manifest, ctx) -> int:
 
 def slurm_steps(args, manifest, ctx) -> int:
     for stage in select_stages(manifest, args.stage, args.start):
-        kind = "training" if stage in TRAINING_STAGES else "data"
-        print(stage, kind, slurm.log_dir(manifest.run.root, stage))
+        print(stage, stage_spec(stage).kind, slurm.log_dir(manifest.run.root, stage))
     return 0
 
 

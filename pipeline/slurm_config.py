@@ -13,10 +13,10 @@ caption, evaluate); training stages run one torchrun per node with `gpus_per_nod
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, create_model, field_validator, model_validator
 
-DATA_STAGES = ("download", "caption", "evaluate")
-TRAINING_STAGES = ("finetune", "realign")
+from pipeline.registry import DATA_STAGES, STAGE_ORDER, TRAINING_STAGES
+
 TIME = r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$"  # sbatch --time: minutes, [D-]HH[:MM[:SS]]
 MEMORY = r"^\d+[KMGT]?$"
 
@@ -51,16 +51,18 @@ class SlurmResources(BaseModel):
         return self.gpus_per_node or self.tasks_per_node
 
 
-class SlurmSection(BaseModel):
+class _StageResources(BaseModel):
+    """`default` plus one optional key per registered stage."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
-
     default: SlurmResources = SlurmResources()
-    download: SlurmResources | None = None
-    caption: SlurmResources | None = None
-    finetune: SlurmResources | None = None
-    realign: SlurmResources | None = None
-    evaluate: SlurmResources | None = None
 
+
+_PerStage = create_model("_PerStage", __base__=_StageResources,
+                         **{name: (SlurmResources | None, None) for name in STAGE_ORDER})
+
+
+class SlurmSection(_PerStage):
     @model_validator(mode="after")
     def _arrays_for_data_stages(self) -> "SlurmSection":
         for stage in TRAINING_STAGES:

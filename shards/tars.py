@@ -5,7 +5,6 @@ that a killed downloader left half-written is never accepted.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import tarfile
 from collections import OrderedDict
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 from shards.atomic import commit_tmp, tmp_path_for
+from shards.identity import sha256_of
 
 Sample = dict[str, bytes]  # extension -> bytes, plus "__key__" -> key (str encoded)
 
@@ -61,7 +61,7 @@ def write_tar_atomic(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]
                 for ext in sorted(fields):
                     _add_member(archive, f"{key}.{ext}", fields[ext])
                 count += 1
-        digest = file_sha256(tmp)
+        digest = sha256_of(tmp)
         size = tmp.stat().st_size
         commit_tmp(tmp, path)
     except BaseException:
@@ -77,11 +77,3 @@ def _add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mode = 0o444
     info.uname = info.gname = "root"
     archive.addfile(info, io.BytesIO(data))
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

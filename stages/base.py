@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, WrapValidator
 
 from shards import markers
 from shards.naming import rank_split
+from stages.errors import StageConfigError
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ class StageResult:
     @property
     def is_complete(self) -> bool:
         return self.units_done == self.units_total
-
-
-class StageConfigError(ValueError):
-    """A stage setting that validation could not catch (e.g. a column missing from a table)."""
 
 
 def _resolve_against_manifest(value: Any, handler, info: ValidationInfo) -> Path:

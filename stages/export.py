@@ -1,10 +1,10 @@
 """Export image shards joined with one caption set as plain webdataset shards for other trainers.
 
-Reads  `images/<shard>.tar` and `captions/<tag>/<shard>.parquet` (the caption stage must be complete).
+Reads  `images/<shard>.tar` and `captions/<set>/<shard>.parquet` (the caption stage must be complete).
 Writes `DIR/<shard>.tar` with `<key>.jpg`, `<key>.txt` (the best caption: highest CLIP score, else
        the first), `<key>.json` (all captions, scores, alt text) and `<key>.cls`; then
        `DIR/sizes.json` (samples per shard, read by open_clip's trainer) last.
-Run    `python -m pipeline export MANIFEST --captions TAG --to DIR`; open_clip then trains on it with
+Run    `python -m pipeline export MANIFEST --captions SET --to DIR`; open_clip then trains on it with
        `--dataset-type webdataset --train-data 'DIR/{000000..00000N}.tar'`.
 Images without any caption are left out (a text-image trainer needs a text); the count is logged.
 """
@@ -17,49 +17,48 @@ from pathlib import Path
 from tqdm import tqdm
 
 from shards.atomic import write_json_atomic
-from shards.naming import list_shards
+from shards.captions import CaptionShardError, read_caption_shard
 from shards.reader import iter_samples
-from shards.tables import read_parquet
 from shards.tars import write_tar_atomic
-from stages.base import StageConfigError
+from stages.errors import ShardError
+from stages.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
 
-def export_captions(root: Path, tag: str, target: Path) -> dict[str, int]:
+def export_captions(root: Path, caption_set: str, target: Path) -> dict[str, int]:
     """Write the joined shards into `target`; return totals (samples written, images skipped)."""
-    captions_dir = Path(root) / "captions" / tag
-    if not (captions_dir / "_SUCCESS.json").exists():
-        raise StageConfigError(f"export: caption set {tag!r} is not complete in {captions_dir}; run the caption stage")
-    units = list_shards(captions_dir / "_done", ".json")
+    layout = RunLayout(root)
+    units = layout.captioned(caption_set).units
     sizes, skipped = {}, 0
-    for unit in tqdm(units, desc=f"export[{tag}]", unit="shard"):
-        samples, missing = _joined_samples(Path(root) / "images" / f"{unit}.tar", captions_dir / f"{unit}.parquet")
+    for unit in tqdm(units, desc=f"export[{caption_set}]", unit="shard"):
+        samples, missing = _joined_samples(layout.image_tar(unit), layout.caption_shard(caption_set, unit))
         info = write_tar_atomic(Path(target) / f"{unit}.tar", samples)
         sizes[f"{unit}.tar"] = info["samples"]
         skipped += missing
     write_json_atomic(Path(target) / "sizes.json", sizes)
     totals = {"shards": len(units), "samples": sum(sizes.values()), "images_without_captions": skipped}
     log.info("export[%s]: %d samples in %d shards to %s (%d images without captions left out)",
-             tag, totals["samples"], totals["shards"], target, skipped)
+             caption_set, totals["samples"], totals["shards"], target, skipped)
     return totals
 
 
 def _joined_samples(tar: Path, parquet: Path) -> tuple[list[tuple[str, dict[str, bytes]]], int]:
-    table = read_parquet(parquet, columns=["key", "captions", "scores"]).to_pylist()
-    by_key = {row["key"]: row for row in table}
+    tar_samples = list(iter_samples([tar]))
+    try:
+        rows = read_caption_shard(parquet, [sample["__key__"] for sample in tar_samples])
+    except CaptionShardError as err:
+        raise ShardError(f"export: {err}") from None
     samples, missing = [], 0
-    for sample in iter_samples([tar]):
-        key = sample["__key__"]
-        if key not in by_key:
-            raise StageConfigError(f"export: key {key} of {tar} is missing from {parquet}")
-        row = by_key[key]
-        if not row["captions"]:
+    for sample in tar_samples:
+        key, row = sample["__key__"], rows[sample["__key__"]]
+        if not row.captions:
             missing += 1
             continue
         alt = sample.get("txt", b"").decode("utf-8", "replace")
-        fields = {"jpg": sample["jpg"], "txt": row["captions"][0].encode(),
-                  "json": json.dumps({"captions": row["captions"], "scores": row["scores"], "alt_text": alt}).encode()}
+        about = {"captions": list(row.captions), "scores": list(row.scores) if row.scores is not None else None,
+                 "alt_text": alt}
+        fields = {"jpg": sample["jpg"], "txt": row.captions[0].encode(), "json": json.dumps(about).encode()}
         if "cls" in sample:
             fields["cls"] = sample["cls"]
         samples.append((key, fields))

@@ -12,15 +12,15 @@ Run    `python -m stages.finetune MANIFEST`; several processes with DeepSpeed:
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-from stages.base import (ManifestPath, RunContext, StageConfig, StageConfigError, StageResult,
-                         local_path_or_name, sum_counts)
+from stages.base import ManifestPath, RunContext, StageConfig, StageResult, local_path_or_name, sum_counts
+from stages.errors import StageConfigError
+from stages.layout import CAPTION_SET_NAME, FINAL_UNIT, NAME_PATTERN, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,12 @@ class FinetuneConfig(StageConfig):
     NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
         {"num_workers", "deepspeed", "device", "checkpoint_every"})
 
-    name: str = Field("mcip", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("mcip", pattern=NAME_PATTERN)
     model: str
     pretrained: str | None = None
     config_dir: ManifestPath | None = None
     loss: Literal["mcip", "gpr"] = "mcip"
-    captions: str | None = None  # caption set (captions/<tag>), needed by loss mcip
+    captions: str | None = Field(None, pattern=CAPTION_SET_NAME)  # the caption set, needed by loss mcip
     captions_per_image: PositiveInt = 20
     epochs: PositiveInt = 3
     max_steps: PositiveInt | None = None
@@ -70,22 +70,19 @@ class FinetuneConfig(StageConfig):
         return self
 
 
-def stage_dir(root: Path, cfg: FinetuneConfig) -> Path:
-    return Path(root) / "finetune" / cfg.name
-
-
 def settings_of(cfg: FinetuneConfig, root: Path, seed: int) -> dict[str, Any]:
-    from stages.training.setup import checkpoint_identity, stage_fingerprint
+    from stages.training.setup import checkpoint_identity
 
-    inputs = {"images": stage_fingerprint(Path(root) / "images", "the download stage")}
+    layout = RunLayout(root)
+    inputs = {"images": layout.downloaded().fingerprint}
     if cfg.loss == "mcip":
-        inputs["captions"] = stage_fingerprint(Path(root) / "captions" / cfg.captions, f"caption set {cfg.captions!r}")
+        inputs["captions"] = layout.captioned(cfg.captions).fingerprint
     return {**cfg.fingerprint_settings(), "seed": seed, "inputs": inputs,
             "pretrained_identity": checkpoint_identity(cfg.pretrained), "format_version": FORMAT_VERSION}
 
 
 def describe(cfg: FinetuneConfig, root: Path, seed: int = 0):
-    return stage_dir(root, cfg), ["final"], settings_of(cfg, root, seed)
+    return RunLayout(root).finetune(cfg.name), [FINAL_UNIT], settings_of(cfg, root, seed)
 
 
 def check_inputs(cfg: FinetuneConfig) -> None:
@@ -102,15 +99,8 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     from stages.training import finetuning
     from stages.training.setup import run_training_stage
 
-    return run_training_stage(NAME, stage_dir(ctx.root, cfg), settings_of(cfg, ctx.root, ctx.seed), ctx,
+    return run_training_stage(NAME, RunLayout(ctx.root).finetune(cfg.name), settings_of(cfg, ctx.root, ctx.seed), ctx,
                               lambda plan: finetuning.train(cfg, ctx, plan))
-
-
-def class_count(root: Path) -> int:
-    labels = Path(root) / "images" / "labels.json"
-    if not labels.exists():
-        raise StageConfigError(f"finetune needs class labels: {labels} is missing (set label_col in download)")
-    return len(json.loads(labels.read_text())["labels"])
 
 
 if __name__ == "__main__":  # `python -m stages.finetune MANIFEST [--force]`

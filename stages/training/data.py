@@ -1,7 +1,7 @@
 """Training data: image shards joined with a caption set by key, in a deterministic, resumable order.
 
 Reads  `images/<shard>.tar` (random access through each member's offset) and
-       `captions/<tag>/<shard>.parquet` (loaded per shard; its keys must equal the tar's keys).
+       `captions/<set>/<shard>.parquet` (loaded per shard; its keys must equal the tar's keys).
 Yields per sample: image tensor, class index (`.cls`, -1 without one), up to k captions tokenised
        `[k, context]` with a mask `[k]`.
 
@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from stages.base import StageConfigError
+from shards.captions import CaptionShardError, read_caption_shard
+from stages.errors import ShardError
+from stages.layout import RunLayout
 
 
 def train_transform(size: int, mean, std) -> Callable:
@@ -72,20 +73,19 @@ def _tar_members(tar: Path) -> tuple[list[str], dict[str, tuple[int, int]], dict
     return keys, jpgs, classes, alts
 
 
-def index_samples(root: Path, units: list[str], tag: str | None) -> list[SampleRef]:
-    """Every sample of the units, joined with its captions (none when `tag` is None)."""
-    refs = []
+def index_samples(root: Path, units: list[str], caption_set: str | None) -> list[SampleRef]:
+    """Every sample of the units, joined with its captions (none when `caption_set` is None)."""
+    layout, refs = RunLayout(root), []
     for unit in units:
-        tar = Path(root) / "images" / f"{unit}.tar"
+        tar = layout.image_tar(unit)
         keys, jpgs, classes, alts = _tar_members(tar)
         captions = {key: () for key in keys}
-        if tag is not None:
-            parquet = Path(root) / "captions" / tag / f"{unit}.parquet"
-            table = pq.read_table(parquet, columns=["key", "captions"]).to_pydict()
-            if table["key"] != keys:
-                raise StageConfigError(f"keys of {parquet} do not match {tar} "
-                                       f"({len(table['key'])} vs {len(keys)} keys); rerun the caption stage")
-            captions = {k: tuple(c) for k, c in zip(table["key"], table["captions"])}
+        if caption_set is not None:
+            try:
+                rows = read_caption_shard(layout.caption_shard(caption_set, unit), keys)
+            except CaptionShardError as err:
+                raise ShardError(str(err)) from None
+            captions = {key: row.captions for key, row in rows.items()}
         refs += [SampleRef(tar, k, *jpgs[k], classes.get(k, -1), captions[k], alts.get(k, "")) for k in keys]
     return refs
 

@@ -6,11 +6,18 @@ import logging
 
 import torch
 
-from shards.naming import list_shards
-from stages.base import RunContext, StageConfigError, UnitPlan
-from stages.training.data import CaptionedImages, epoch_loader, index_samples, steps_per_epoch, train_transform
-from stages.training.losses import arc_margin_loss, multi_caption_loss
+from stages.base import RunContext, UnitPlan
+from stages.errors import StageConfigError
+from stages.layout import RunLayout, read_labels
+from stages.training.data import (
+    CaptionedImages,
+    epoch_loader,
+    index_samples,
+    steps_per_epoch,
+    train_transform,
+)
 from stages.training.loop import LoopPlan, cosine_lr, run_loop
+from stages.training.losses import arc_margin_loss, multi_caption_loss
 from stages.training.model import WithProxies, build_model, freeze_for_finetune
 from stages.training.setup import adamw, drop_stale_checkpoints, engine_for, finish_training
 
@@ -18,13 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
-    from stages.finetune import class_count
 
     engine = engine_for(cfg, ctx)
     clip = build_model(cfg.model, cfg.pretrained, cfg.config_dir, str(engine.device))
     freeze_for_finetune(clip.model)
     torch.manual_seed(ctx.seed)  # the same proxies on every rank
-    module = WithProxies(clip.model, class_count(ctx.root))
+    module = WithProxies(clip.model, _class_count(ctx.root))
     dataset = _dataset(cfg, ctx, clip)
     per_epoch = steps_per_epoch(len(dataset), engine.world_size, cfg.batch_size)
     if per_epoch == 0:
@@ -50,8 +56,16 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
                     {"counts": {"steps": result.step, "samples_seen": result.samples_seen}})
 
 
+def _class_count(root) -> int:
+    labels = read_labels(RunLayout(root))
+    if labels is None:
+        raise StageConfigError(f"finetune needs class labels: {RunLayout(root).labels_file} is missing "
+                               "(set label_col in download)")
+    return len(labels)
+
+
 def _dataset(cfg, ctx: RunContext, clip) -> CaptionedImages:
-    units = list_shards(ctx.root / "images" / "_done", ".json")
+    units = RunLayout(ctx.root).downloaded().units
     refs = index_samples(ctx.root, units, cfg.captions if cfg.loss == "mcip" else None)
     unlabelled = next((r for r in refs if r.cls < 0), None)
     if unlabelled is not None:

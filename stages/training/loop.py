@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 from tqdm import tqdm
 
 from shards.atomic import write_json_atomic
-from stages.base import StageConfigError
+from stages.errors import StageConfigError
 
 log = logging.getLogger(__name__)
 

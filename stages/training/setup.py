@@ -1,4 +1,4 @@
-"""What the finetune and realign stages share: input fingerprints, AdamW parameter groups, the
+"""What the finetune and realign stages share: checkpoint identities, AdamW parameter groups, the
 engine, stale-checkpoint clean-up and the final export with its marker."""
 from __future__ import annotations
 
@@ -10,20 +10,12 @@ from typing import Any
 import torch
 
 from shards.atomic import write_json_atomic
-from shards.tars import file_sha256
-from stages.base import RunContext, StageConfigError, StageResult, UnitPlan, finish_stage, plan_units, sum_counts
+from shards.identity import file_sha256
+from stages.base import RunContext, StageResult, UnitPlan, finish_stage, plan_units, sum_counts
+from stages.errors import StageConfigError
+from stages.layout import FINAL_UNIT, RunLayout
 from stages.training.engine import make_engine
 from stages.training.model import export_model
-
-FINAL_UNIT = "final"
-
-
-def stage_fingerprint(folder: Path, what: str) -> str:
-    """The fingerprint in `<folder>/_SUCCESS.json`; the stage that made it must be complete."""
-    success = Path(folder) / "_SUCCESS.json"
-    if not success.exists():
-        raise StageConfigError(f"{what} is not complete ({success} missing); run it first")
-    return json.loads(success.read_text())["fingerprint"]
 
 
 def checkpoint_identity(pretrained: str | None) -> str | None:
@@ -48,9 +40,19 @@ def adamw(named_parameters, lr_scales: dict[str, float], betas, eps: float, weig
 
 
 def engine_for(cfg, ctx: RunContext):
-    """The engine; its rank and world size (from torchrun) are the ones training uses, whatever the
-    run context says (under srun + torchrun, SLURM_PROCID counts nodes, not processes)."""
-    return make_engine(cfg.deepspeed, cfg.batch_size, cfg.grad_clip, cfg.device)
+    """The engine, which must agree with the run context on rank and world size: plain torch is one
+    process (several would each train alone and overwrite each other's checkpoints), and DeepSpeed's
+    process group is the one the context was built from (torchrun's RANK/WORLD_SIZE)."""
+    if cfg.deepspeed is None and ctx.world_size > 1:
+        raise StageConfigError(f"{ctx.world_size} processes without DeepSpeed would each train alone on the same "
+                               f"checkpoints (this is rank {ctx.rank}); set deepspeed: to train on "
+                               f"{ctx.world_size} processes, or run one process")
+    engine = make_engine(cfg.deepspeed, cfg.batch_size, cfg.grad_clip, cfg.device)
+    if (engine.rank, engine.world_size) != (ctx.rank, ctx.world_size):
+        raise StageConfigError(f"the training engine is rank {engine.rank} of {engine.world_size}, but the "
+                               f"environment says rank {ctx.rank} of {ctx.world_size}; start training under "
+                               "torchrun (launch/slurm_mcip.sh does) so both come from RANK/WORLD_SIZE")
+    return engine
 
 
 def drop_stale_checkpoints(out: Path, fingerprint: str, ctx: RunContext, engine) -> None:
@@ -75,7 +77,7 @@ def finish_training(engine, clip_model, architecture: dict[str, Any], plan: Unit
     """Rank 0 exports `final/model.pt` (the open_clip model alone) and `final/model.json` (its
     architecture and config folder, for the stages that load it), then writes the stage's marker."""
     if engine.rank == 0:
-        export_model(clip_model, out / FINAL_UNIT / "model.pt")
-        write_json_atomic(out / FINAL_UNIT / "model.json", architecture)
+        export_model(clip_model, RunLayout.final_model(out))
+        write_json_atomic(RunLayout.final_architecture(out), architecture)
         plan.mark_done(FINAL_UNIT, payload)
     engine.barrier()

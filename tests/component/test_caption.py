@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from pipeline.cli import main as cli
+from shards.captions import SCHEMA
 from shards.reader import iter_samples
-from stages._caption_data import decode_image
-from stages._caption_run import SCHEMA
+from stages.caption.images import decode_image
 from tests.conftest import cli_env, make_image_shards, snapshot, write_caption_manifest
 
 
@@ -30,14 +30,16 @@ def _run(manifest: Path, *extra: str) -> int:
     return cli(["run", str(manifest), "--stage", "caption", *extra])
 
 
-def _generation(**extra) -> dict:
-    return {"max_new_tokens": 6, "min_new_tokens": 4, "filter": {"min_words": 0, "dedupe": False}, **extra}
+def _generation(k: int | None = None, **generation) -> dict:
+    """Caption settings for short generations; `generation` keys go into the `generation:` section."""
+    return {"generation": {"max_new_tokens": 6, "min_new_tokens": 4, **generation},
+            "filter": {"min_words": 0, "dedupe": False}, **({"captions_per_image": k} if k else {})}
 
 
 def test_blip_sampling_writes_k_captions_per_image_in_key_order(tmp_path, tiny_models):
     keys = make_image_shards(tmp_path / "run", shards=2, per_shard=4, corrupt=(5,))
     manifest = write_caption_manifest(tmp_path, {"backend": "blip", "model": str(tiny_models["blip"]),
-                                                 "captions_per_image": 3, "num_workers": 2, **_generation()})
+                                                 "num_workers": 2, **_generation(k=3)})
     assert _run(manifest) == 0
     for unit, unit_keys in zip(("000000", "000001"), keys):
         table = pq.read_table(tmp_path / "run" / "captions" / "blip" / f"{unit}.parquet")
@@ -53,14 +55,14 @@ def test_blip_sampling_writes_k_captions_per_image_in_key_order(tmp_path, tiny_m
 
 
 @pytest.mark.parametrize("backend,model,options,per_image", [
-    ("blip", "blip2", {"decoding": "beam", "captions_per_image": 2}, 2),
+    ("blip", "blip2", {"decoding": "beam", "k": 2}, 2),
     ("llava", "llava", {"decoding": "prompts", "prompts": ["Describe the image in one sentence.", "what is this"]}, 2),
-    ("llava", "llava", {"decoding": "sample", "captions_per_image": 3}, 3),
+    ("llava", "llava", {"decoding": "sample", "k": 3}, 3),
 ])
 def test_blip2_and_llava(tmp_path, tiny_models, backend, model, options, per_image):
     make_image_shards(tmp_path / "run", shards=1, per_shard=3)
     manifest = write_caption_manifest(tmp_path, {"backend": backend, "model": str(tiny_models[model]),
-                                                 "tag": model, **_generation(**options)})
+                                                 "captions": model, **_generation(**options)})
     assert _run(manifest) == 0
     rows = _rows(tmp_path / "run", model, "000000")
     assert [len(r["captions"]) for r in rows] == [per_image] * 3
@@ -77,10 +79,10 @@ def _decoded_pixels(root: Path, clip) -> tuple[list[str], torch.Tensor]:
 
 
 def _retrieval_manifest(folder: Path, tiny_models: dict, bank: Path, **extra) -> Path:
+    retrieval = {"pretrained": str(tiny_models["clip_checkpoint"]), "config_dir": str(tiny_models["clip_configs"]),
+                 "bank": str(bank), **extra}
     return write_caption_manifest(folder, {"backend": "retrieval", "model": tiny_models["clip_arch"],
-                                           "pretrained": str(tiny_models["clip_checkpoint"]),
-                                           "config_dir": str(tiny_models["clip_configs"]), "bank": str(bank),
-                                           **extra})
+                                           "captions_per_image": 4, "retrieval": retrieval})
 
 
 def test_retrieval_equals_brute_force_top_k_above_threshold(tmp_path, tiny_models):
@@ -94,7 +96,7 @@ def test_retrieval_equals_brute_force_top_k_above_threshold(tmp_path, tiny_model
     keys, pixels = _decoded_pixels(tmp_path / "run", clip)
     sims = clip.encode_images(pixels).numpy() @ clip.encode_texts(phrases).T
     threshold = float(np.quantile(sims, 0.6))
-    manifest = _retrieval_manifest(tmp_path, tiny_models, bank, captions_per_image=4, threshold=threshold)
+    manifest = _retrieval_manifest(tmp_path, tiny_models, bank, threshold=threshold)
     assert _run(manifest) == 0
 
     rows = _rows(tmp_path / "run", "retrieval", "000000") + _rows(tmp_path / "run", "retrieval", "000001")
@@ -115,9 +117,9 @@ def test_score_with_min_score_and_keep_top(tmp_path, tiny_models):
     make_image_shards(tmp_path / "run", shards=1, per_shard=3)
     clip_spec = {"model": tiny_models["clip_arch"], "pretrained": str(tiny_models["clip_checkpoint"]),
                  "config_dir": str(tiny_models["clip_configs"])}
-    manifest = write_caption_manifest(tmp_path, {"backend": "blip", "model": str(tiny_models["blip"]), "decoding": "beam",
-                                                 "captions_per_image": 4, "score_with": clip_spec, "min_score": -1.0,
-                                                 "keep_top": 2, **_generation()})
+    scoring = {**clip_spec, "min_score": -1.0, "keep_top": 2}
+    manifest = write_caption_manifest(tmp_path, {"backend": "blip", "model": str(tiny_models["blip"]), "scoring": scoring,
+                                                 **_generation(k=4, decoding="beam")})
     assert _run(manifest) == 0
     rows = _rows(tmp_path / "run", "blip", "000000")
     clip = load_clip(clip_spec["model"], clip_spec["pretrained"], clip_spec["config_dir"])
@@ -144,8 +146,7 @@ def test_rerun_is_a_noop_and_a_deleted_marker_redoes_one_shard(tmp_path):
 
 
 def test_kill_mid_stage_then_resume_equals_uninterrupted(tmp_path, tiny_models):
-    caption = {"backend": "blip", "model": str(tiny_models["blip"]), "decoding": "beam", "captions_per_image": 2,
-               "num_workers": 1, **_generation()}
+    caption = {"backend": "blip", "model": str(tiny_models["blip"]), "num_workers": 1, **_generation(k=2, decoding="beam")}
     for root in ("straight", "killed"):
         make_image_shards(tmp_path / root, shards=16, per_shard=6)
         write_caption_manifest(tmp_path, caption, root=root, name=f"{root}.yaml")
@@ -171,10 +172,20 @@ def test_kill_mid_stage_then_resume_equals_uninterrupted(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("caption,message", [
     ({"backend": "blip", "model": "./no-such-model"}, "caption model not found"),
-    ({"backend": "retrieval", "model": "ViT-B-32", "bank": "missing.txt"}, "caption bank not found"),
-    ({"backend": "retrieval", "model": "mcip-tiny-vit", "bank": "empty.txt"}, "caption bank is empty"),
+    ({"backend": "retrieval", "model": "ViT-B-32", "retrieval": {"bank": "missing.txt"}}, "caption bank not found"),
+    ({"backend": "retrieval", "model": "mcip-tiny-vit", "retrieval": {"bank": "empty.txt"}}, "caption bank is empty"),
+    ({"backend": "retrieval", "model": "ViT-B-32"}, "backend 'retrieval' needs a `retrieval` section"),
+    ({"backend": "blip", "model": "x", "retrieval": {"bank": "empty.txt"}},
+     "stages.caption: retrieval: not used by backend 'blip' (it uses: captions_per_image, dtype, generation, model)"),
+    ({"backend": "alt_text", "model": "x", "generation": {}}, "generation, model: not used by backend 'alt_text'"),
+    ({"backend": "blip", "model": "x", "generation": {"decoding": "prompts"}},
+     "stages.caption.generation: decoding 'prompts' needs a non-empty `prompts` list"),
+    ({"backend": "blip", "model": "x", "generation": {"beams": 3}}, "stages.caption.generation.beams: unknown key"),
+    ({"backend": "alt_text", "captions": ".."}, "stages.caption.captions: string should match pattern"),
+    ({"backend": "alt_text", "captions": "alt"}, "captions: 'alt' is reserved for the downloaded alt text"),
+    ({"backend": "alt_text", "scoring": {"min_score": 0.2}}, "scoring.min_score needs CLIP scores"),
     ({"backend": "gpt"}, "stages.caption.backend: must be one of"),
-    ({"backend": "alt_text", "captions_per_image": 0}, "stages.caption.captions_per_image: must be > 0, got 0"),
+    ({"backend": "blip", "captions_per_image": 0}, "stages.caption.captions_per_image: must be > 0, got 0"),
     ({"backend": "blip"}, "backend 'blip' needs `model`"),
     ({"backend": "blip", "model": "org/not-cached"}, "cannot load caption model 'org/not-cached'"),
 ])
@@ -182,7 +193,7 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_models, capsys, caption, mess
     make_image_shards(tmp_path / "run", shards=1, per_shard=2)
     (tmp_path / "empty.txt").write_text("\n\n")
     if caption.get("model") == "mcip-tiny-vit":
-        caption.update(pretrained=str(tiny_models["clip_checkpoint"]), config_dir=str(tiny_models["clip_configs"]))
+        caption["retrieval"].update(pretrained=str(tiny_models["clip_checkpoint"]), config_dir=str(tiny_models["clip_configs"]))
     manifest = write_caption_manifest(tmp_path, caption)
     assert _run(manifest) == 2
     last = capsys.readouterr().err.splitlines()[-1]  # log lines may come first; no traceback

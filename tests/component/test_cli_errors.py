@@ -53,3 +53,29 @@ def test_unconfigured_stage_is_named(tmp_path):
     manifest.write_text(yaml.safe_dump({"run": {"root": "run"}, "stages": {}}))
     result = run_cli("run", str(manifest), "--stage", "download", cwd=tmp_path)
     assert result.returncode == 2 and "stage 'download' is not configured" in result.stderr
+
+
+def test_status_waits_only_for_an_upstream_stage_and_reports_a_bad_input(tmp_path):
+    """A caption stage before its download is `waiting`; a missing evaluation folder is an error, not
+    a wait (it would never arrive by running the pipeline)."""
+    write_url_table(tmp_path / "urls.parquet", ["http://127.0.0.1:9/1.jpg"], labels=["a"])
+    stages = {"download": {"url_list": "urls.parquet"}, "caption": {"backend": "alt_text"},
+              "evaluate": {"model": "ViT-B-32", "models": [{"name": "random"}],
+                           "retrieval": {"gpr": {"layout": "gpr1200", "path": "no-such-folder"}}}}
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"run": {"root": "run"}, "stages": {k: stages[k] for k in ("download", "caption")}}))
+    status = run_cli("status", str(manifest), cwd=tmp_path)
+    assert status.returncode == 0 and "caption: waiting (the download stage is not complete" in status.stdout
+    manifest.write_text(yaml.safe_dump({"run": {"root": "run"}, "stages": stages}))
+    status = run_cli("status", str(manifest), cwd=tmp_path)
+    assert status.returncode == 2 and "waiting" not in status.stdout + status.stderr
+    assert status.stderr.startswith("error: ") and "no-such-folder" in status.stderr
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, "environment variable RANK='abc' is not a whole number"),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK/WORLD_SIZE: rank 3 is not in [0, 2)"),
+])
+def test_bad_rank_variables_are_one_line(tmp_path, env, message):
+    result = run_cli("validate", str(_manifest(tmp_path)), cwd=tmp_path, **env)
+    assert result.returncode == 2 and result.stderr == f"error: {message}\n"

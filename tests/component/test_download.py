@@ -13,8 +13,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from shards.identity import file_sha256
 from shards.reader import iter_samples
-from shards.tars import file_sha256, read_tar_samples
+from shards.tars import read_tar_samples
 from tests.conftest import cli_env, run_cli, snapshot, write_manifest, write_url_table
 
 

@@ -157,3 +157,15 @@ def test_finetune_without_labels_is_a_clear_error(tmp_path, tiny_models, capsys)
     assert cli(["run", str(manifest), "--stage", "caption"]) == 0
     assert cli(["run", str(manifest), "--stage", "finetune"]) == 2
     assert "finetune needs class labels" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_plain_torch_on_several_processes_is_refused(tmp_path, tiny_models, capsys, monkeypatch):
+    """Without DeepSpeed every process would train alone and write the same checkpoints."""
+    _images(tmp_path / "run", shards=1, per_shard=8)
+    manifest = _manifest(tmp_path, tiny_models)
+    assert cli(["run", str(manifest), "--stage", "caption"]) == 0
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli(["run", str(manifest), "--stage", "finetune"]) == 2
+    assert "set deepspeed: to train on 2 processes" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "run" / "finetune" / "mcip" / "ckpt").exists()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO, cli_env, run_cli, snapshot
@@ -41,9 +42,16 @@ def run_demo(manifest: Path, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
 
 
-def test_demo_end_to_end_at_reduced_size_then_a_no_op(tmp_path):
-    manifest = reduced_manifest(tmp_path)
-    first = run_demo(manifest, tmp_path)
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The reduced demo, run once for this module: (folder, manifest, the first run's result)."""
+    folder = tmp_path_factory.mktemp("demo")
+    manifest = reduced_manifest(folder)
+    return folder, manifest, run_demo(manifest, folder)
+
+
+def test_demo_end_to_end_at_reduced_size_then_a_no_op(demo_run):
+    tmp_path, manifest, first = demo_run
     assert first.returncode == 0, first.stderr[-3000:]
     validate = run_cli("validate", str(manifest), cwd=tmp_path)
     assert validate.returncode == 0, validate.stderr
@@ -66,3 +74,40 @@ def test_demo_end_to_end_at_reduced_size_then_a_no_op(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert snapshot(tmp_path / "run") == before  # nothing rewritten
     assert "| mcip+re-a |" in second.stderr  # the table is printed again
+
+
+def test_a_wheel_install_validates_and_evaluates_the_demo(demo_run, tmp_path):
+    """`pip install` of the built wheel (not the editable checkout) runs `mcip validate` and evaluate:
+    every package is in the wheel. The fresh venv borrows only the third-party packages of ours."""
+    folder, manifest, first = demo_run
+    assert first.returncode == 0, first.stderr[-3000:]
+    wheel_dir, venv = tmp_path / "wheel", tmp_path / "venv"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(REPO)],
+                   check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = next(venv.glob("lib/python*/site-packages"))
+    deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "torch").is_dir())
+    (site / "third_party.pth").write_text(f"{deps}\n")  # a path line: that folder's own .pth files stay unread
+    wheel = next(wheel_dir.glob("mcip_pipeline-*.whl"))
+    subprocess.run([*pip, "--python", str(venv / "bin" / "python"), "install", "--no-deps", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+
+    data = yaml.safe_load(manifest.read_text())
+    data["stages"]["evaluate"]["name"] = "from-wheel"
+    wheel_manifest = tmp_path / "wheel.yaml"
+    wheel_manifest.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = {k: v for k, v in cli_env(OMP_NUM_THREADS="2").items() if k != "PYTHONPATH"}  # none of the checkout
+    mcip = str(venv / "bin" / "mcip")
+    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import stages; print(stages.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert where.stdout.startswith(str(site)), where.stdout
+    validate = subprocess.run([mcip, "validate", str(wheel_manifest)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert validate.returncode == 0 and "ok (stages: download, caption, finetune, realign, evaluate)" in validate.stdout, \
+        validate.stderr[-2000:]
+    evaluate = subprocess.run([mcip, "run", str(wheel_manifest), "--stage", "evaluate"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    ours = json.loads((folder / "run" / "evaluate" / "from-wheel" / "metrics.json").read_text())
+    assert ours == json.loads((folder / "run" / "evaluate" / "demo" / "metrics.json").read_text())

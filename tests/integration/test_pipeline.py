@@ -19,9 +19,9 @@ def test_download_caption_export(tmp_path, image_server, tiny_models):
     manifest.write_text(yaml.safe_dump({"run": {"root": "run", "seed": 0}, "stages": {
         "download": {"url_list": "urls.parquet", "caption_col": "caption", "label_col": "label",
                      "samples_per_shard": 10, "processes": 1, "threads": 4, "image_size": 32},
-        "caption": {"backend": "retrieval", "model": tiny_models["clip_arch"],
-                    "pretrained": str(tiny_models["clip_checkpoint"]), "config_dir": str(tiny_models["clip_configs"]),
-                    "bank": "bank.txt", "captions_per_image": 3, "threshold": -1.0, "num_workers": 1}}}))
+        "caption": {"backend": "retrieval", "model": tiny_models["clip_arch"], "captions_per_image": 3, "num_workers": 1,
+                    "retrieval": {"pretrained": str(tiny_models["clip_checkpoint"]), "bank": "bank.txt",
+                                  "config_dir": str(tiny_models["clip_configs"]), "threshold": -1.0}}}}))
 
     plan = run_cli("plan", str(manifest), cwd=tmp_path)
     assert "download: 3 units, 0 done, 3 pending" in plan.stdout and "caption: waiting" in plan.stdout

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.base import StageConfigError
-from stages.evaluation import datasets
-from stages.evaluation.scoring import alternate_split, class_prompts
+from stages.errors import StageConfigError
+from stages.evaluate import datasets
+from stages.evaluate.scoring import alternate_split, class_prompts
 
 
 def _image(path: Path, shade: int = 0) -> Path:

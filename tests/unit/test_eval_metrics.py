@@ -1,4 +1,4 @@
-"""Evaluation metrics against values worked out by hand (stages/evaluation/metrics.py)."""
+"""Evaluation metrics against values worked out by hand (stages/evaluate/metrics.py)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from stages.evaluation import metrics
+from stages.evaluate import metrics
 
 # Four points on the unit circle's first quadrant: cos(a,b) = .8, cos(a,c) = .6, cos(b,c) = .96 ...
 A, B, C, D = (1.0, 0.0), (0.8, 0.6), (0.6, 0.8), (0.0, 1.0)

@@ -9,11 +9,12 @@ import pytest
 
 from shards import markers
 from shards.atomic import atomic_write, remove_orphans, write_json_atomic
+from shards.identity import file_sha256
 from shards.index import write_shard_index
 from shards.naming import list_shards, rank_split, shard_name
 from shards.reader import iter_samples
 from shards.tables import TableError, read_table
-from shards.tars import TruncatedTarError, file_sha256, read_tar_samples, write_tar_atomic
+from shards.tars import TruncatedTarError, read_tar_samples, write_tar_atomic
 
 
 def test_shard_names_sort_numerically():

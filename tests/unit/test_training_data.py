@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stages.base import StageConfigError
-from stages.training.data import (CaptionedImages, epoch_loader, eval_transform, index_samples, rank_positions,
-                                  train_transform)
+from shards.captions import write_caption_shard
+from stages.errors import ShardError
+from stages.training.data import (
+    CaptionedImages,
+    epoch_loader,
+    eval_transform,
+    index_samples,
+    rank_positions,
+    train_transform,
+)
 from tests.conftest import make_image_shards
 
 
@@ -21,10 +26,8 @@ class _Tokenizer:
 
 
 def _captions(root, unit, keys, per_key):
-    rows = {"key": keys, "captions": [[f"cap {k} {i}" for i in range(per_key(k))] for k in keys]}
-    path = root / "captions" / "t" / f"{unit}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(rows), path)
+    rows = [{"key": k, "captions": [f"cap {k} {i}" for i in range(per_key(k))]} for k in keys]
+    write_caption_shard(root / "captions" / "t" / f"{unit}.parquet", rows)
 
 
 @pytest.fixture
@@ -51,9 +54,9 @@ def test_join_by_key_with_classes_and_caption_masks(run_root):
     assert dataset[4]["mask"].tolist() == [False, False]  # key 4: no captions
 
 
-def test_key_mismatch_names_both_files(run_root):
-    _captions(run_root, "000001", ["x"] * 6, lambda k: 1)
-    with pytest.raises(StageConfigError, match=r"000001.parquet do not match .*000001.tar"):
+def test_key_mismatch_names_the_caption_shard_and_both_counts(run_root):
+    _captions(run_root, "000001", ["x"] * 5, lambda k: 1)
+    with pytest.raises(ShardError, match=r"000001.parquet: its keys do not match the image shard's \(5 vs 6 keys\)"):
         index_samples(run_root, ["000000", "000001"], "t")
 
 

@@ -6,8 +6,9 @@ import json
 import pytest
 
 from shards import markers
-from stages.base import RunContext, StageConfigError, finish_stage, plan_units, sum_counts
-from stages._img2dataset import failure_reason
+from stages.base import RunContext, finish_stage, plan_units, sum_counts
+from stages.download.img2dataset_run import failure_reason
+from stages.errors import StageConfigError
 
 UNITS = [f"{i:06d}" for i in range(5)]
 

@@ -24,12 +24,13 @@ from shards.naming import shard_name
 from shards.tables import read_parquet, write_parquet_atomic
 from shards.tars import TruncatedTarError, read_tar_samples, write_tar_atomic
 from stages.base import RunContext, UnitPlan
+from stages.errors import ShardError
 
 ROW_COLUMN = "mcip_row"
 POLL_S = 0.2
 
 
-class ShardCheckError(RuntimeError):
+class ShardCheckError(ShardError):
     """img2dataset's output for a shard failed our checks; the shard stays pending."""
 
 

@@ -1,6 +1,6 @@
 """The caption stage's work loop: build the backend (and the optional CLIP scorer), stream image
 batches from DataLoader workers, clean/score/filter captions, write each shard when its last image
-is done (parquet under a temporary name, rename, then the marker)."""
+is done (parquet under a temporary name, rename, then the marker). See stages/caption/__init__.py."""
 from __future__ import annotations
 
 import hashlib
@@ -8,29 +8,29 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from captioning.base import CaptionBatchResult, CaptionerError, GenerationOptions, RuntimeOptions, get_captioner
+from captioning.base import CaptionBatchResult, CaptionerError, RuntimeOptions, get_captioner
 from captioning.cleanup import clean
 from shards.atomic import remove_orphans
-from shards.tables import write_parquet_atomic
-from shards.tars import file_sha256
-from stages._caption_data import image_batches
-from stages.base import RunContext, StageConfigError, UnitPlan
+from shards.captions import write_caption_shard
+from shards.identity import file_sha256
+from stages.base import RunContext, UnitPlan
+from stages.caption.images import image_batches
+from stages.errors import StageConfigError
+from stages.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
-SCHEMA = pa.schema([("key", pa.string()), ("captions", pa.list_(pa.string())),
-                    ("scores", pa.list_(pa.float32())), ("backend", pa.string()), ("model", pa.string()),
-                    ("prompts", pa.list_(pa.string())), ("seed", pa.int64())])
-
 
 def model_identity(cfg) -> dict[str, Any]:
-    """What names the model's weights: names as written, plus the content hash of checkpoint files."""
-    identity = {"model": cfg.model, "pretrained": cfg.pretrained}
-    for name, value in (("pretrained", cfg.pretrained), ("score_with", cfg.score_with and cfg.score_with.pretrained)):
+    """What names the weights and the bank: names as written, plus content hashes of local files."""
+    pretrained = cfg.retrieval.pretrained if cfg.retrieval else None
+    identity = {"model": cfg.model, "pretrained": pretrained}
+    files = {"pretrained": pretrained, "score_with": cfg.scoring.pretrained,
+             "bank": cfg.retrieval and str(cfg.retrieval.bank)}
+    for name, value in files.items():
         if value and Path(value).is_file():
             identity[f"{name}_sha256"] = file_sha256(Path(value))
     return identity
@@ -43,32 +43,32 @@ def _clip(spec_model: str, pretrained: str | None, config_dir, cfg):
 
 def build_captioner(cfg, ctx: RunContext, identity: dict[str, Any]):
     """The backend named in the config; errors become StageConfigError with the cause. `identity` is
-    the model identity already in the stage's settings (checkpoint hashes are not computed twice)."""
+    the model identity already in the stage's settings (file hashes are not computed twice)."""
     runtime = RuntimeOptions(cfg.device, cfg.dtype)
-    generation = GenerationOptions(cfg.k, cfg.decoding, tuple(cfg.prompts), cfg.max_new_tokens, cfg.min_new_tokens,
-                                   cfg.temperature, cfg.top_p, cfg.num_beams)
     try:
+        if cfg.backend == "alt_text":
+            return get_captioner("alt_text")
         if cfg.backend != "retrieval":
-            return get_captioner(cfg.backend, model=cfg.model, generation=generation, runtime=runtime)
-        from stages._caption_bank import bank_embeddings, bank_fingerprint, read_bank
-        texts = read_bank(cfg.bank, cfg.bank_col)
-        clip = _clip(cfg.model, cfg.pretrained, cfg.config_dir, cfg)
-        cache = ctx.root / "caption_bank" / bank_fingerprint(cfg.bank, identity)
-        vectors = bank_embeddings(texts, clip, cache, cfg.bank_batch_size, ctx.rank, ctx.world_size, ctx.is_main)
+            return get_captioner(cfg.backend, model=cfg.model, k=cfg.k, generation=cfg.generation, runtime=runtime)
+        from stages.caption.bank import bank_embeddings, bank_fingerprint, read_bank
+        section = cfg.retrieval
+        texts = read_bank(section.bank, section.bank_col)
+        clip = _clip(cfg.model, section.pretrained, section.config_dir, cfg)
+        cache = RunLayout(ctx.root).caption_bank(bank_fingerprint(identity))
+        vectors = bank_embeddings(texts, clip, cache, section.bank_batch_size, ctx.rank, ctx.world_size, ctx.is_main)
         return get_captioner("retrieval", clip=clip, bank_texts=texts, bank_embeddings=vectors, k=cfg.k,
-                             threshold=cfg.threshold, index_kind=cfg.index, nlist=cfg.ivf_nlist,
-                             nprobe=cfg.ivf_nprobe)
+                             options=section)
     except CaptionerError as err:
         raise StageConfigError(f"caption: {err}") from err
 
 
 def _scorer(cfg):
-    if cfg.score_with is None:
+    if cfg.scoring.model is None:
         return None
     try:
-        return _clip(cfg.score_with.model, cfg.score_with.pretrained, cfg.score_with.config_dir, cfg)
+        return _clip(cfg.scoring.model, cfg.scoring.pretrained, cfg.scoring.config_dir, cfg)
     except CaptionerError as err:
-        raise StageConfigError(f"caption.score_with: {err}") from err
+        raise StageConfigError(f"caption.scoring: {err}") from err
 
 
 class _ShardWriter:
@@ -95,12 +95,12 @@ class _ShardWriter:
         if len(rows) != expected:
             raise RuntimeError(f"caption shard {unit}: {len(rows)} rows for {expected} images")
         path = self.out / f"{unit}.parquet"
-        write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+        write_caption_shard(path, rows)
         self.plan.mark_done(unit, {"counts": counts, "parquet_sha256": file_sha256(path)})
         self.progress.update(1)
 
 
-def caption_units(cfg, ctx: RunContext, plan: UnitPlan, images: Path) -> None:
+def caption_units(cfg, ctx: RunContext, plan: UnitPlan, layout: RunLayout) -> None:
     out = plan.stage_dir
     for unit in plan.mine:  # only this rank's units: other ranks may be writing theirs right now
         remove_orphans(out, unit)
@@ -109,9 +109,9 @@ def caption_units(cfg, ctx: RunContext, plan: UnitPlan, images: Path) -> None:
     seed = plan.settings["seed"]
     transforms = [captioner.image_transform()] + ([scorer.preprocess] if scorer else [])
     decode_size = max([captioner.input_size] + ([scorer.image_size] if scorer else []))
-    loader = image_batches([(u, images / f"{u}.tar") for u in plan.mine], transforms, decode_size,
+    loader = image_batches([(u, layout.image_tar(u)) for u in plan.mine], transforms, decode_size,
                            cfg.batch_size, cfg.num_workers)
-    progress = tqdm(total=len(plan.mine), desc=f"caption[{cfg.output_tag}]", unit="shard", disable=not ctx.is_main)
+    progress = tqdm(total=len(plan.mine), desc=f"caption[{cfg.caption_set}]", unit="shard", disable=not ctx.is_main)
     writer = _ShardWriter(cfg, plan, out, captioner.model_name, list(captioner.prompts), seed, progress)
     for batch in loader:
         images_in_batch = [item for item in batch["items"] if not item.get("end")]
@@ -136,8 +136,7 @@ def _caption_batch(cfg, captioner, scorer, items: list[dict], tensors: list[torc
         scores = _scores(scorer, tensors[1] if scorer else None, raw)
         for i, item in enumerate(ok):
             results[item["key"]] = _filtered(cfg, raw.captions[i], scores[i] if scores is not None else None, raw)
-    has_scores = scorer is not None or cfg.backend == "retrieval"
-    return [results.get(item["key"], ([], [] if has_scores else None)) for item in items]
+    return [results.get(item["key"], ([], [] if cfg.has_scores else None)) for item in items]
 
 
 def _batch_seed(seed: int, first_key: str) -> int:
@@ -162,8 +161,9 @@ def _filtered(cfg, captions: list[str], scores: list[float] | None, raw: Caption
     """Clean, drop below min_score, order best first when scored, keep the top n."""
     texts, kept_scores = clean(captions, scores, raw.prompts, cfg.filter.min_words, cfg.filter.dedupe)
     if kept_scores is not None:
-        pairs = [(t, s) for t, s in zip(texts, kept_scores) if cfg.min_score is None or s >= cfg.min_score]
+        min_score = cfg.scoring.min_score
+        pairs = [(t, s) for t, s in zip(texts, kept_scores) if min_score is None or s >= min_score]
         pairs.sort(key=lambda pair: -pair[1])
         texts, kept_scores = [t for t, _ in pairs], [s for _, s in pairs]
-    limit = cfg.keep_top or cfg.k
+    limit = cfg.scoring.keep_top or cfg.k
     return texts[:limit], (kept_scores[:limit] if kept_scores is not None else None)

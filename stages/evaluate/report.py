@@ -129,7 +129,7 @@ def plot_retrieval_grid(cfg, images, folder: Path) -> None:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from stages.evaluation.scoring import embedding_file
+    from stages.evaluate.scoring import embedding_file
 
     shown = [cfg.models[0]] + ([cfg.models[-1]] if len(cfg.models) > 1 else [])
     queries = np.linspace(0, len(images.refs) - 1, GRID_QUERIES).astype(int)

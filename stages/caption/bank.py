@@ -17,8 +17,8 @@ from shards import markers
 from shards.atomic import atomic_write
 from shards.naming import rank_split, shard_name
 from shards.tables import TableError, read_table
-from shards.tars import file_sha256
-from stages.base import StageConfigError, fingerprint_of
+from stages.base import fingerprint_of
+from stages.errors import StageConfigError
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 100_000
@@ -41,8 +41,11 @@ def read_bank(path: Path, column: str) -> list[str]:
     return unique
 
 
-def bank_fingerprint(bank_path: Path, model_identity: dict) -> str:
-    return fingerprint_of({"bank_sha256": file_sha256(bank_path), "model": model_identity, "version": 1})
+def bank_fingerprint(identity: dict) -> str:
+    """The cache folder's name: the bank's content and the CLIP model that embeds it (the caption
+    stage's `model_identity`; a scoring model does not change the bank's embeddings)."""
+    model = {k: identity.get(k) for k in ("model", "pretrained", "pretrained_sha256")}
+    return fingerprint_of({"bank_sha256": identity["bank_sha256"], "model": model, "version": 2})
 
 
 def bank_embeddings(texts: list[str], clip, cache_dir: Path, batch_size: int, rank: int, world_size: int,

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from shards.atomic import atomic_write, write_json_atomic
-from stages.evaluation.datasets import ImageSet
+from stages.evaluate.datasets import ImageSet
 
 
 class _Pictures(Dataset):

@@ -10,7 +10,7 @@ Run    `python -m stages.download MANIFEST` (same as `python -m pipeline run MAN
 Shard `i` holds rows `[i * samples_per_shard, (i + 1) * samples_per_shard)` of the table, and a
 sample's key is its row number (`000000042`), so keys never depend on which run made a shard.
 img2dataset writes into a private staging folder; a shard reaches `images/` only once its tar
-reads back complete and matches img2dataset's own count (see stages/_img2dataset.py).
+reads back complete and matches img2dataset's own count (see stages/download/img2dataset_run.py).
 """
 from __future__ import annotations
 
@@ -29,12 +29,21 @@ from pydantic import Field, PositiveInt, field_validator
 
 from shards import markers
 from shards.atomic import remove_orphans, write_json_atomic
+from shards.identity import file_sha256
 from shards.index import write_shard_index
 from shards.naming import list_shards, shard_name
 from shards.tables import TableError, check_columns, infer_format, read_parquet, read_table
-from shards.tars import file_sha256
-from stages.base import (ManifestPath, RunContext, StageConfig, StageConfigError, StageResult,
-                         finish_stage, plan_units, sum_counts)
+from stages.base import (
+    ManifestPath,
+    RunContext,
+    StageConfig,
+    StageResult,
+    finish_stage,
+    plan_units,
+    sum_counts,
+)
+from stages.errors import StageConfigError
+from stages.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +99,7 @@ class UrlTable:
 
 
 def stage_dir(root: Path) -> Path:
-    return Path(root) / "images"
+    return RunLayout(root).images
 
 
 def row_key(row: int) -> str:
@@ -163,7 +172,7 @@ def check_inputs(cfg: DownloadConfig) -> None:
 
 def run(cfg: DownloadConfig, ctx: RunContext, retry_failed: bool = False) -> StageResult:
     """Download this rank's pending shards; with `retry_failed`, first plan retry shards."""
-    from stages import _img2dataset
+    from stages.download import img2dataset_run
 
     urls = load_url_table(cfg)
     out = stage_dir(ctx.root)
@@ -174,9 +183,9 @@ def run(cfg: DownloadConfig, ctx: RunContext, retry_failed: bool = False) -> Sta
             plan = plan_units(NAME, out, list_units(urls.num_rows, cfg, ctx.root), settings, ctx)
     _remove_leftovers(out, plan.mine, ctx)
     if urls.labels is not None:
-        write_json_atomic(out / "labels.json", {"column": cfg.label_col, "labels": urls.labels})
+        write_json_atomic(RunLayout(ctx.root).labels_file, {"column": cfg.label_col, "labels": urls.labels})
     jobs = [(unit, unit_rows(unit, urls.num_rows, cfg, ctx.root)) for unit in plan.mine]
-    stats = _img2dataset.download_units(cfg, urls.table, jobs, plan, out, ctx) if jobs else None
+    stats = img2dataset_run.download_units(cfg, urls.table, jobs, plan, out, ctx) if jobs else None
     result = finish_stage(NAME, plan, len(jobs), merge_counts)
     if result.is_complete:
         _write_index(out, plan.units, plan.done)
@@ -259,10 +268,3 @@ def _log_summary(result: StageResult, stats: dict[str, Any] | None) -> None:
              result.units_done, result.units_total, result.units_run, counts.get("ok", 0),
              counts.get("failed", 0), f" [{why}]" if why else "", rate)
 
-
-if __name__ == "__main__":  # `python -m stages.download MANIFEST [--force] [--retry-failed]`
-    import sys
-
-    from pipeline.cli import main as pipeline_main
-
-    sys.exit(pipeline_main(["run", *sys.argv[1:2], "--stage", NAME, *sys.argv[2:]]))

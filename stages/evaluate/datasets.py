@@ -7,7 +7,7 @@ Image sets (`ImageSet`: where each image's bytes are, its label, optionally its 
   shards    our image shards (`<root>/images/*.tar` with `.cls`; labels named from labels.json)
 Caption sets (`CaptionSet`: texts and the images that carry each text, identical texts merged):
   karpathy  the Karpathy-split json of COCO/Flickr30k (`images[].filepath/filename/sentences[].raw`)
-  shards    our shards: alt text (`.txt`) or a caption set's captions (`captions/<tag>/`)
+  shards    our shards: alt text (`.txt`) or a caption set's captions (`captions/<set>/`)
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.base import StageConfigError
+from shards.captions import ALT_TEXT
+from stages.errors import StageConfigError
+from stages.layout import RunLayout, read_labels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 GPR1200_SUBSETS = ("Landmarks", "iNat", "Sketch", "INSTRE", "SOP", "Faces")
@@ -107,23 +109,16 @@ def _natural(path: Path) -> tuple:
 
 def shard_images(root: Path, name: str = "shards", captions: str | None = None):
     """Our image shards under `<root>/images/`; returns (ImageSet, the SampleRefs behind it)."""
-    from shards.naming import list_shards
     from stages.training.data import index_samples
 
-    images = _require_dir(Path(root) / "images", "image shards")
-    units = list_shards(images, ".tar")
-    if not units:
-        raise StageConfigError(f"no image shards in {images}")
-    samples = index_samples(Path(root), units, captions)
-    names = _label_names(images / "labels.json")
+    layout = RunLayout(root)
+    units = layout.downloaded().units
+    if captions is not None:
+        layout.captioned(captions)
+    samples = index_samples(layout.root, units, captions)
+    names = dict(enumerate(read_labels(layout) or []))
     labels = np.array([names.get(s.cls, str(s.cls)) for s in samples])
     return ImageSet(name, [ImageRef(s.tar, s.jpg_offset, s.jpg_size) for s in samples], labels), samples
-
-
-def _label_names(path: Path) -> dict[int, str]:
-    if not path.exists():
-        return {}
-    return dict(enumerate(json.loads(path.read_text())["labels"]))
 
 
 def karpathy_captions(path: Path, image_root: Path | None = None, split: str = "test",
@@ -150,10 +145,10 @@ def karpathy_captions(path: Path, image_root: Path | None = None, split: str = "
     return merge_texts(ImageSet(name, refs, np.array(labels)), texts)
 
 
-def shard_captions(root: Path, captions: str = "alt", name: str = "shards") -> CaptionSet:
+def shard_captions(root: Path, captions: str = ALT_TEXT, name: str = "shards") -> CaptionSet:
     """Our shards' alt text (`captions: alt`) or every caption of a caption set."""
-    images, samples = shard_images(root, name, None if captions == "alt" else captions)
-    texts = [[s.alt_text] if captions == "alt" else list(s.captions) for s in samples]
+    images, samples = shard_images(root, name, None if captions == ALT_TEXT else captions)
+    texts = [[s.alt_text] if captions == ALT_TEXT else list(s.captions) for s in samples]
     return merge_texts(images, texts)
 
 

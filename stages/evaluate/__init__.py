@@ -1,7 +1,7 @@
 """Evaluate stage: several models on image-to-image, k-NN, zero-shot and text-to-image benchmarks.
 
 Reads  the models (a checkpoint file or pretrained tag, or a stage's output: `finetune/<name>`,
-       `realign/<name>`) and the datasets named in the manifest (stages/evaluation/datasets.py).
+       `realign/<name>`) and the datasets named in the manifest (stages/evaluate/datasets.py).
 Writes `evaluate/<name>/embeddings/<model>/<image set hash>.npy` (cache), `metrics/<model>.json` and
        `_done/<model>.json` per model (the unit of work), then `metrics.json`, `report.md` and the
        plots `metrics.png`, `retrieval_grid.png` once every model is done.
@@ -18,10 +18,28 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
 
-from stages.base import (ManifestPath, RunContext, StageConfig, StageConfigError, StageResult,
-                         finish_stage, local_path_or_name, plan_units)
+from shards.captions import ALT_TEXT
+from stages.base import (
+    ManifestPath,
+    RunContext,
+    StageConfig,
+    StageResult,
+    finish_stage,
+    local_path_or_name,
+    plan_units,
+)
+from stages.errors import StageConfigError
+from stages.layout import CAPTION_SET_NAME, NAME_PATTERN, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +80,12 @@ class TextToImageSection(_Section):
     path: ManifestPath | None = None  # karpathy: the json; shards: a run root (default: this run's)
     image_root: ManifestPath | None = None  # karpathy: where filepath/filename live (default: json's folder)
     split: str = "test"
-    captions: str = "alt"  # shards: `alt` (the .txt alt text) or a caption set's tag
+    captions: str = Field(ALT_TEXT, pattern=CAPTION_SET_NAME)  # shards: `alt` (the .txt alt text) or a caption set
     ks: list[PositiveInt] = [1, 5, 10]
 
 
 class ModelEntry(_Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_+][A-Za-z0-9_.+-]*$")  # a file name: no leading dot
     checkpoint: str | None = None  # a checkpoint file, a pretrained tag, or None for random weights
     stage: str | None = Field(None, pattern=r"^(finetune|realign)/[A-Za-z0-9_.-]+$")
 
@@ -85,7 +103,7 @@ class EvaluateConfig(StageConfig):
 
     NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset({"batch_size", "num_workers", "device"})
 
-    name: str = Field("eval", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("eval", pattern=NAME_PATTERN)
     model: str  # the open_clip architecture of every model
     config_dir: ManifestPath | None = None
     models: list[ModelEntry] = Field(min_length=1)
@@ -111,21 +129,22 @@ class EvaluateConfig(StageConfig):
 
 
 def stage_dir(root: Path, cfg: EvaluateConfig) -> Path:
-    return Path(root) / "evaluate" / cfg.name
+    return RunLayout(root).evaluate(cfg.name)
 
 
 def model_checkpoint(root: Path, entry: ModelEntry) -> str | None:
     if entry.stage:
-        return str(Path(root) / entry.stage / "final" / "model.pt")
+        return str(RunLayout.final_model(RunLayout(root).training_output(entry.stage)))
     return entry.checkpoint
 
 
 def model_identity(root: Path, entry: ModelEntry) -> str | None:
     """A stage output by its stage fingerprint (it must be complete); a file by content."""
-    from stages.training.setup import checkpoint_identity, stage_fingerprint
+    from stages.training.setup import checkpoint_identity
 
     if entry.stage:
-        return stage_fingerprint(Path(root) / entry.stage, f"the {entry.stage} stage")
+        layout = RunLayout(root)
+        return layout.require_complete(layout.training_output(entry.stage), f"the {entry.stage} stage").fingerprint
     return checkpoint_identity(entry.checkpoint)
 
 
@@ -137,7 +156,7 @@ def settings_of(cfg: EvaluateConfig, root: Path, data) -> dict[str, Any]:
 
 
 def describe(cfg: EvaluateConfig, root: Path, seed: int = 0):
-    from stages.evaluation.scoring import Datasets
+    from stages.evaluate.scoring import Datasets
 
     return stage_dir(root, cfg), [m.name for m in cfg.models], settings_of(cfg, root, Datasets(cfg, root))
 
@@ -156,7 +175,7 @@ def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(cfg: EvaluateConfig, ctx: RunContext) -> StageResult:
     """Evaluate this rank's pending models; the main rank writes the report once all are done."""
-    from stages.evaluation import report, scoring
+    from stages.evaluate import report, scoring
 
     folder = stage_dir(ctx.root, cfg)
     data = scoring.Datasets(cfg, ctx.root)  # listed once: for the fingerprint, the models and the report
@@ -172,10 +191,3 @@ def run(cfg: EvaluateConfig, ctx: RunContext) -> StageResult:
         log.info("evaluate[%s]:\n%s\nreport: %s", cfg.name, table, folder / "report.md")
     return result
 
-
-if __name__ == "__main__":  # `python -m stages.evaluate MANIFEST [--force]`
-    import sys
-
-    from pipeline.cli import main as pipeline_main
-
-    sys.exit(pipeline_main(["run", *sys.argv[1:2], "--stage", NAME, *sys.argv[2:]]))

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from stages.evaluation import datasets, metrics
 from shards.atomic import write_json_atomic
-from stages.evaluation.embed import cached, embed_images
+from stages.errors import StageConfigError
+from stages.evaluate import datasets, metrics
+from stages.evaluate.embed import cached, embed_images
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,15 @@ class Datasets:
 
 def evaluate_model(cfg, root: Path, entry, identity: str | None, data: Datasets, out: Path) -> dict[str, Any]:
     """`identity`: the model's fingerprint (stages.evaluate.model_identity), keying its cached embeddings."""
+    from captioning.base import CaptionerError
     from captioning.clip_models import load_clip
     from stages.evaluate import model_checkpoint
 
     checkpoint = model_checkpoint(root, entry)
-    clip = load_clip(cfg.model, checkpoint, cfg.config_dir, cfg.device)
+    try:
+        clip = load_clip(cfg.model, checkpoint, cfg.config_dir, cfg.device)
+    except CaptionerError as err:  # unknown architecture, missing or unloadable checkpoint
+        raise StageConfigError(f"evaluate: model {entry.name!r}: {err}") from None
     log.info("evaluate: model %s (%s)", entry.name, checkpoint or "random weights")
 
     def image_embeddings(images: datasets.ImageSet) -> np.ndarray:
@@ -146,7 +151,7 @@ def zero_shot(clip, img_emb: np.ndarray, labels: np.ndarray, section) -> dict[st
     mapping = datasets.class_names(section.class_names)
     missing = sorted(set(labels) - set(mapping))
     if missing:
-        raise datasets.StageConfigError(f"{section.class_names}: no class name for label(s) {missing[:5]}")
+        raise StageConfigError(f"{section.class_names}: no class name for label(s) {missing[:5]}")
     names = list(dict.fromkeys(mapping[label] for label in labels))
     index = {name: i for i, name in enumerate(names)}
     prompts = class_prompts(names, section.templates)

@@ -1,0 +1,58 @@
+"""Caption shards: the schema, the writer and the reader of `captions/<set>/<shard>.parquet`.
+
+One row per image of the image shard `images/<shard>.tar`, in the tar's key order:
+
+    key       string          the image's key in the tar
+    captions  list<string>    its pseudo-captions, best first when scored (may be empty)
+    scores    list<float32>   their CLIP cosines, or null when the backend gives none
+    backend   string          the caption backend, e.g. "retrieval"
+    model     string          the captioning model as named in the manifest
+    prompts   list<string>    the prompts as written in the manifest
+    seed      int64           the seed the captions were drawn with
+
+A caption set is named by the folder under `captions/`; `ALT_TEXT` ("alt") is the reserved name
+of the text downloaded with each image (`<key>.txt` in the tar), which has no caption shards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards.tables import write_parquet_atomic
+
+ALT_TEXT = "alt"
+SCHEMA = pa.schema([("key", pa.string()), ("captions", pa.list_(pa.string())),
+                    ("scores", pa.list_(pa.float32())), ("backend", pa.string()), ("model", pa.string()),
+                    ("prompts", pa.list_(pa.string())), ("seed", pa.int64())])
+
+
+class CaptionShardError(ValueError):
+    """A caption shard that cannot be read or does not belong to its image shard."""
+
+
+@dataclass(frozen=True)
+class CaptionRow:
+    captions: tuple[str, ...]
+    scores: tuple[float, ...] | None
+
+
+def write_caption_shard(path: Path, rows: list[dict]) -> None:
+    """Rows with the SCHEMA's fields, written under a temporary name and renamed."""
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA), Path(path))
+
+
+def read_caption_shard(path: Path, keys: list[str] | None = None) -> dict[str, CaptionRow]:
+    """Captions and scores by key, in file order. With `keys` (the image tar's keys in order), the
+    shard must hold exactly those keys in that order, else `CaptionShardError` names both counts."""
+    try:
+        table = pq.read_table(path, columns=["key", "captions", "scores"]).to_pydict()
+    except (OSError, pa.ArrowException) as err:
+        raise CaptionShardError(f"{path}: unreadable caption shard ({str(err).splitlines()[0]})") from None
+    if keys is not None and table["key"] != list(keys):
+        raise CaptionShardError(f"{path}: its keys do not match the image shard's "
+                                f"({len(table['key'])} vs {len(keys)} keys); rerun the caption stage")
+    return {key: CaptionRow(tuple(captions), tuple(scores) if scores is not None else None)
+            for key, captions, scores in zip(table["key"], table["captions"], table["scores"])}
