@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from captioning.base import CaptionerError, torch_dtype
+from captioning.clip_family import embed_dim
 
 
 @dataclass
@@ -44,8 +45,8 @@ class ClipModel:
             tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
             features = self.model.encode_text(tokens)
             chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
-        if not chunks:
-            return np.zeros((0, self.model.text_projection.shape[-1]), np.float32)
+        if not chunks:  # the width lives in a different place in each model family
+            return np.zeros((0, embed_dim(self.model)), np.float32)
         return np.concatenate(chunks)
 
 

@@ -1,7 +1,7 @@
 """Realign stage: the fine-tuned model's text tower re-aligned to its new image embeddings.
 
-Reads  `finetune/<source>/final/model.pt`, `images/`, and the texts: the downloaded alt text, or
-       the best caption of a caption set (`captions: <tag>`).
+Reads  `finetune/<source>/final/model.pt`, `images/`, and the texts: the downloaded alt text
+       (`captions: alt`, the default), or the best caption of a caption set (`captions: <set>`).
 Writes `embeddings/<name>/<shard>.npy` (image embeddings of the fine-tuned image tower, one unit per
        shard, resumable, + `_done/`), then `realign/<name>/ckpt/...`, `metrics.jsonl`,
        `final/model.pt` (fine-tuned image tower + realigned text tower) and `_done/final.json`.
@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from stages.base import ManifestPath, RunContext, StageConfig, StageConfigError, StageResult, sum_counts
+from shards.captions import ALT_TEXT
+from stages.base import ManifestPath, RunContext, StageConfig, StageResult, sum_counts
+from stages.errors import StageConfigError
+from stages.layout import CAPTION_SET_NAME, FINAL_UNIT, NAME_PATTERN, RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +36,15 @@ class RealignConfig(StageConfig):
     NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
         {"num_workers", "deepspeed", "device", "checkpoint_every", "embed_batch_size"})
 
-    name: str = Field("mcip", pattern=r"^[A-Za-z0-9_.-]+$")
-    source: str | None = None  # the finetune run to realign; default: the same name
+    name: str = Field("mcip", pattern=NAME_PATTERN)
+    source: str | None = Field(None, pattern=NAME_PATTERN)  # the finetune run to realign; default: the same name
     model: str | None = None  # architecture; default: the one in finetune/<source>/final/model.json
     config_dir: ManifestPath | None = None
-    captions: str | None = None  # texts: best caption of this set; default: the alt text
+    captions: str = Field(ALT_TEXT, pattern=CAPTION_SET_NAME)  # texts: the alt text, or a caption set's best
     unlocked_layers: int = Field(1, ge=0)
+    # infonce: symmetric InfoNCE (METHOD.md); siglip: SigLIP's sigmoid loss, which also trains the
+    # model's logit_bias (SigLIP-style models only)
+    loss: Literal["infonce", "siglip"] = "infonce"
     epochs: PositiveInt = 1
     max_steps: PositiveInt | None = None
     batch_size: PositiveInt = 32768  # per process
@@ -59,27 +65,23 @@ class RealignConfig(StageConfig):
         return self.source or self.name
 
 
-def stage_dir(root: Path, cfg: RealignConfig) -> Path:
-    return Path(root) / "realign" / cfg.name
-
-
 def source_model(root: Path, cfg: RealignConfig) -> Path:
-    return Path(root) / "finetune" / cfg.source_name / "final" / "model.pt"
+    return RunLayout.final_model(RunLayout(root).finetune(cfg.source_name))
 
 
 def settings_of(cfg: RealignConfig, root: Path, seed: int) -> dict[str, Any]:
-    from stages.training.setup import checkpoint_identity, stage_fingerprint
+    from stages.training.setup import checkpoint_identity
 
-    inputs = {"finetune": stage_fingerprint(Path(root) / "finetune" / cfg.source_name, f"finetune {cfg.source_name!r}"),
-              "images": stage_fingerprint(Path(root) / "images", "the download stage")}
-    if cfg.captions:
-        inputs["captions"] = stage_fingerprint(Path(root) / "captions" / cfg.captions, f"caption set {cfg.captions!r}")
+    layout = RunLayout(root)
+    inputs = {"finetune": layout.finetuned(cfg.source_name).fingerprint, "images": layout.downloaded().fingerprint}
+    if cfg.captions != ALT_TEXT:
+        inputs["captions"] = layout.captioned(cfg.captions).fingerprint
     return {**cfg.fingerprint_settings(), "seed": seed, "inputs": inputs,
             "source_identity": checkpoint_identity(str(source_model(root, cfg))), "format_version": FORMAT_VERSION}
 
 
 def describe(cfg: RealignConfig, root: Path, seed: int = 0):
-    return stage_dir(root, cfg), ["final"], settings_of(cfg, root, seed)
+    return RunLayout(root).realign(cfg.name), [FINAL_UNIT], settings_of(cfg, root, seed)
 
 
 def check_inputs(cfg: RealignConfig) -> None:
@@ -94,7 +96,7 @@ def run(cfg: RealignConfig, ctx: RunContext) -> StageResult:
     from stages.training import realigning
     from stages.training.setup import run_training_stage
 
-    return run_training_stage(NAME, stage_dir(ctx.root, cfg), settings_of(cfg, ctx.root, ctx.seed), ctx,
+    return run_training_stage(NAME, RunLayout(ctx.root).realign(cfg.name), settings_of(cfg, ctx.root, ctx.seed), ctx,
                               lambda plan: realigning.train(cfg, ctx, plan))
 
 

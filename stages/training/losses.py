@@ -6,6 +6,7 @@ float64, for gradient checks) even when the inputs come from a half-precision fo
     arc_margin_loss(emb, labels, proxies)              class proxies, ArcFace margin on the positive
     multi_caption_loss(img_emb, cap_emb, cap_owner)    several captions per image, soft targets
     clip_infonce_loss(img_emb, txt_emb, logit_scale)   symmetric CLIP loss for re-alignment
+    siglip_loss(img_emb, txt_emb, logit_scale, logit_bias)   SigLIP's sigmoid loss, for re-aligning SigLIP
 """
 from __future__ import annotations
 
@@ -79,3 +80,17 @@ def clip_infonce_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale:
     logits = _full(torch.as_tensor(logit_scale)) * (_unit(img_emb) @ _unit(txt_emb).T)
     targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def siglip_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.Tensor | float,
+                logit_bias: torch.Tensor | float) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (open_clip's SigLipLoss on the whole batch): every image-text
+    pair is its own binary problem, label +1 on the diagonal and -1 elsewhere;
+    logits = logit_scale * cos + logit_bias, loss = -sum log sigmoid(label * logit) / n (n images).
+
+    `logit_scale` is the multiplier itself (already exponentiated), as in `clip_infonce_loss`.
+    """
+    cos = _unit(img_emb) @ _unit(txt_emb).T
+    logits = _full(torch.as_tensor(logit_scale)) * cos + _full(torch.as_tensor(logit_bias))
+    labels = 2 * torch.eye(*cos.shape, device=cos.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / cos.shape[0]

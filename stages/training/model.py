@@ -1,7 +1,9 @@
 """open_clip models for training: build, freeze, export.
 
 Build from an architecture plus a pretrained tag, a local checkpoint file or an `hf-hub:` name;
-tiny architectures for tests come from a folder of JSON configs (`config_dir`). The export is
+tiny architectures for tests come from a folder of JSON configs (`config_dir`). What "image tower",
+"last text blocks" and "projection" mean for each open_clip family (CLIP, SigLIP-style CustomTextCLIP,
+Hugging Face text towers, CoCa) is in captioning/clip_family.py. The export is
 `{"state_dict": ...}` in a file that loads the way the README promises:
 
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
@@ -13,53 +15,62 @@ from pathlib import Path
 
 import torch
 
+from captioning.base import CaptionerError
+from captioning.clip_family import (  # is_text_parameter: re-exported for the stages and tests
+    embed_dim,
+    family_of,
+    is_image_parameter,
+    is_text_parameter,  # noqa: F401
+    logit_bias,
+)
 from captioning.clip_models import ClipModel, load_clip
 from shards.atomic import atomic_write
-
-LOGIT_PARAMETERS = ("logit_scale", "logit_bias")
+from stages.errors import StageConfigError
 
 
 def build_model(arch: str, pretrained: str | None = None, config_dir: Path | None = None,
                 device: str = "cpu") -> ClipModel:
-    """The open_clip model in train mode, with its transforms and tokenizer."""
-    clip = load_clip(arch, pretrained, config_dir, device)
+    """The open_clip model in train mode, with its transforms and tokenizer. A model that cannot be
+    loaded, or whose family (captioning/clip_family.py) is not supported, is a one-line error."""
+    try:
+        clip = load_clip(arch, pretrained, config_dir, device)
+        family_of(clip.model)  # fail before any data work, not at the first freeze
+    except CaptionerError as err:
+        raise StageConfigError(str(err)) from None
     clip.model.train()
     return clip
-
-
-def is_text_parameter(name: str) -> bool:
-    """Everything outside the image tower and the logit scale/bias belongs to the text tower."""
-    return not name.startswith("visual.") and name not in LOGIT_PARAMETERS
-
-
-def _text_blocks(model) -> torch.nn.ModuleList:
-    tower = getattr(model, "text", model)  # CustomTextCLIP keeps its text tower under .text
-    return tower.transformer.resblocks
 
 
 def freeze_for_finetune(model) -> None:
     """MCIP / GPR-FT: train the image tower (with its projection); freeze the text tower and logit scale."""
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.startswith("visual."))
+        parameter.requires_grad_(is_image_parameter(name))
 
 
-def freeze_for_realign(model, unlocked_layers: int = 1) -> None:
-    """Re-alignment: train the last `unlocked_layers` text blocks, the final norm, the text projection
-    and the logit scale; freeze everything else (the whole image tower included)."""
-    blocks = _text_blocks(model)
+def freeze_for_realign(model, unlocked_layers: int = 1, train_logit_bias: bool = False) -> None:
+    """Re-alignment: train the last `unlocked_layers` text blocks, what follows them (final norm, pooler,
+    projection: whichever the family has) and the logit scale, plus the logit bias for the sigmoid
+    loss; freeze everything else (the whole image tower included)."""
+    family = family_of(model)
+    blocks = family.blocks
     if not 0 <= unlocked_layers <= len(blocks):
-        raise ValueError(f"unlocked_layers must be in [0, {len(blocks)}], got {unlocked_layers}")
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    unlocked = [blocks[i] for i in range(len(blocks) - unlocked_layers, len(blocks))]
-    for module in unlocked:
-        module.requires_grad_(True)
-    tower = getattr(model, "text", model)
-    for name in ("ln_final", "text_projection"):  # a module (norm, linear) or a bare parameter
-        part = getattr(tower, name, None)
-        if part is not None:
-            part.requires_grad_(True)
+        raise StageConfigError(f"realign: unlocked_layers must be in [0, {len(blocks)}] for this "
+                               f"{type(model).__name__}, got {unlocked_layers}")
+    model.requires_grad_(False)
+    for part in (*blocks[len(blocks) - unlocked_layers:], *family.head):  # modules or bare parameters
+        part.requires_grad_(True)
     model.logit_scale.requires_grad_(True)
+    if train_logit_bias:
+        require_logit_bias(model).requires_grad_(True)
+
+
+def require_logit_bias(model) -> torch.nn.Parameter:
+    """The learnable bias of the sigmoid loss; CLIP-trained models have none."""
+    bias = logit_bias(model)
+    if bias is None:
+        raise StageConfigError(f"realign: loss 'siglip' needs a model with a logit_bias (SigLIP's "
+                               f"init_logit_bias); this {type(model).__name__} has none; use loss: infonce")
+    return bias
 
 
 def trainable_names(model) -> list[str]:
@@ -80,6 +91,5 @@ class WithProxies(torch.nn.Module):
     def __init__(self, clip_model, classes: int) -> None:
         super().__init__()
         self.clip = clip_model
-        width = clip_model.text_projection.shape[1] if isinstance(clip_model.text_projection, torch.Tensor) \
-            else clip_model.text_projection.out_features
+        width = embed_dim(clip_model)
         self.proxies = torch.nn.Parameter(torch.nn.init.xavier_uniform_(torch.empty(classes, width)))

@@ -1,5 +1,6 @@
 """The realign stage's work: image embeddings of the fine-tuned model (one resumable unit per shard),
-then InfoNCE training of the unlocked text layers against them. See stages/realign.py."""
+then InfoNCE (or, with `loss: siglip`, SigLIP's sigmoid loss) training of the unlocked text layers
+against them. See stages/realign.py; what unlocks in each model family: captioning/clip_family.py."""
 from __future__ import annotations
 
 import json
@@ -13,32 +14,49 @@ import torch
 from torch.utils.data import DataLoader
 
 from shards.atomic import atomic_write
-from shards.naming import list_shards
-from stages.base import RunContext, StageConfigError, UnitPlan, plan_units
-from stages.training.data import CaptionedImages, EmbeddedTexts, epoch_loader, eval_transform, index_samples, steps_per_epoch
+from shards.captions import ALT_TEXT
+from stages.base import RunContext, UnitPlan, plan_units
+from stages.errors import StageConfigError
+from stages.layout import RunLayout
+from stages.training.data import (
+    CaptionedImages,
+    EmbeddedTexts,
+    epoch_loader,
+    eval_transform,
+    index_samples,
+    steps_per_epoch,
+)
 from stages.training.engine import gather_with_grad
 from stages.training.loop import LoopPlan, cosine_lr, run_loop
-from stages.training.losses import clip_infonce_loss
+from stages.training.losses import clip_infonce_loss, siglip_loss
 from stages.training.model import build_model, freeze_for_realign
-from stages.training.setup import adamw, checkpoint_identity, drop_stale_checkpoints, engine_for, finish_training
+from stages.training.setup import (
+    adamw,
+    checkpoint_identity,
+    drop_stale_checkpoints,
+    engine_for,
+    finish_training,
+)
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)
 
 
 def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
-    from stages.realign import source_model
-
-    source = source_model(ctx.root, cfg)
-    architecture = json.loads(source.with_name("model.json").read_text())
+    source_folder = RunLayout(ctx.root).finetune(cfg.source_name)
+    source = RunLayout.final_model(source_folder)
+    architecture = json.loads(RunLayout.final_architecture(source_folder).read_text())
     arch = cfg.model or architecture["model"]
     config_dir = str(cfg.config_dir) if cfg.config_dir else architecture["config_dir"]
     engine = engine_for(cfg, ctx)
     clip = build_model(arch, str(source), config_dir, str(engine.device))
-    units = list_shards(ctx.root / "images" / "_done", ".json")
-    refs = index_samples(ctx.root, units, cfg.captions)
-    embeddings = image_embeddings(cfg, ctx, clip, refs, units, engine)
-    texts = [(r.captions[0] if r.captions else "") if cfg.captions else r.alt_text for r in refs]
+    # before the image embeddings: a bad unlocked_layers or a sigmoid loss without logit_bias fails at once
+    freeze_for_realign(clip.model, cfg.unlocked_layers, train_logit_bias=cfg.loss == "siglip")
+    units = RunLayout(ctx.root).downloaded().units
+    alt_text = cfg.captions == ALT_TEXT
+    refs = index_samples(ctx.root, units, None if alt_text else cfg.captions)
+    embeddings = image_embeddings(cfg, ctx, clip, refs, units, engine, source)
+    texts = [r.alt_text if alt_text else (r.captions[0] if r.captions else "") for r in refs]
     keep = [i for i, text in enumerate(texts) if text.strip()]
     dataset = EmbeddedTexts(embeddings[keep], [texts[i] for i in keep], clip.tokenizer, ctx.seed)
     per_epoch = steps_per_epoch(len(dataset), engine.world_size, cfg.batch_size)
@@ -46,7 +64,6 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
         raise StageConfigError(f"realign: {len(dataset)} image-text pairs are fewer than one batch of "
                                f"{cfg.batch_size} x {engine.world_size} processes")
     total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
-    freeze_for_realign(clip.model, cfg.unlocked_layers)
     optimizer = adamw(clip.model.named_parameters(), {}, cfg.betas, cfg.eps, cfg.weight_decay, decay_matrices_only=True)
     model, optimizer = engine.prepare(clip.model, optimizer)
     loop_plan = LoopPlan(plan.stage_dir, plan.fingerprint, per_epoch, total, cfg.batch_size, cfg.checkpoint_every,
@@ -56,27 +73,31 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
     def batches(epoch: int, start: int):
         return epoch_loader(dataset, epoch, engine.rank, engine.world_size, cfg.batch_size, start, cfg.num_workers)
 
-    result = run_loop(engine, model, optimizer, loop_plan, batches, lambda b: _loss(engine.unwrap(model), b, engine.device))
+    result = run_loop(engine, model, optimizer, loop_plan, batches,
+                      lambda b: _loss(engine.unwrap(model), b, engine.device, cfg.loss))
     if result.stopped_by_signal or result.step < total:
         return
     finish_training(engine, engine.unwrap(model), {"model": arch, "config_dir": config_dir}, plan, plan.stage_dir,
                     {"counts": {"steps": result.step, "samples_seen": result.samples_seen, "pairs": len(dataset)}})
 
 
-def _loss(model, batch: dict, device) -> tuple[torch.Tensor, dict]:
+def _loss(model, batch: dict, device, loss: str = "infonce") -> tuple[torch.Tensor, dict]:
     with torch.no_grad():  # METHOD.md: the learnable logit scale stays in [0, ln 100]
         model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     text_emb = model.encode_text(batch["tokens"].to(device))
     image_emb = batch["emb"].to(device, text_emb.dtype)
-    loss = clip_infonce_loss(gather_with_grad(image_emb), gather_with_grad(text_emb), model.logit_scale.exp())
-    return loss, {"logit_scale": model.logit_scale.exp().detach()}
+    images, texts, scale = gather_with_grad(image_emb), gather_with_grad(text_emb), model.logit_scale.exp()
+    if loss == "siglip":
+        return siglip_loss(images, texts, scale, model.logit_bias), {"logit_scale": scale.detach(),
+                                                                     "logit_bias": model.logit_bias.detach()}
+    return clip_infonce_loss(images, texts, scale), {"logit_scale": scale.detach()}
 
 
-def image_embeddings(cfg, ctx: RunContext, clip, refs, units: list[str], engine) -> np.ndarray:
+def image_embeddings(cfg, ctx: RunContext, clip, refs, units: list[str], engine, source: Path) -> np.ndarray:
     """`embeddings/<name>/<shard>.npy` for every shard (this rank's share first, then any still
     missing), concatenated in shard and key order."""
-    folder = ctx.root / "embeddings" / cfg.name
-    settings = {"source": checkpoint_identity(str(Path(ctx.root) / "finetune" / cfg.source_name / "final" / "model.pt")),
+    folder = RunLayout(ctx.root).embeddings(cfg.name)
+    settings = {"source": checkpoint_identity(str(source)),
                 "format_version": 1}
     preprocess = clip.model.visual.preprocess_cfg
     dataset = CaptionedImages(refs, eval_transform(clip.image_size, preprocess["mean"], preprocess["std"]),

@@ -4,8 +4,14 @@ from __future__ import annotations
 import open_clip
 import torch
 
-from stages.training.model import (build_model, export_model, freeze_for_finetune, freeze_for_realign,
-                                   is_text_parameter, trainable_names)
+from stages.training.model import (
+    build_model,
+    export_model,
+    freeze_for_finetune,
+    freeze_for_realign,
+    is_text_parameter,
+    trainable_names,
+)
 
 
 def _tiny(tiny_models):
