@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: venv demo test bench clean-demo slurm-packages
+.PHONY: venv demo test lint bench clean-demo slurm-packages
 
 venv: $(STAMP)
 
@@ -25,8 +25,13 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(PY) -m examples.demo
 
-test: venv slurm-packages
+test: venv slurm-packages lint
 	$(PY) -m pytest -q
+
+# ruff (pinned in the test extra): the lint rules and the formatting in pyproject.toml
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The SLURM tests start a one-node slurm-wlm on localhost (tests/slurm/); install it when missing.
 # Not fatal: without root or apt the SLURM tests skip and say why.

@@ -13,6 +13,7 @@ Part 2, the retrieval backend's search: 10k image embeddings against banks of gr
 (random unit vectors of the tiny CLIP's width and of ViT-B's 512), exact faiss inner product plus
 the top-k/threshold step. Target: < 60 s for 1M captions, linear in bank size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,10 @@ def make_shards(root: Path, images: int, per_shard: int = 64) -> list[bytes]:
     jpegs = [photo_jpeg(n) for n in range(images)]
     for s in range(0, images, per_shard):
         unit = f"{s // per_shard:06d}"
-        write_tar_atomic(root / "images" / f"{unit}.tar",
-                         [(f"{n:09d}", {"jpg": jpegs[n]}) for n in range(s, min(s + per_shard, images))])
+        write_tar_atomic(
+            root / "images" / f"{unit}.tar",
+            [(f"{n:09d}", {"jpg": jpegs[n]}) for n in range(s, min(s + per_shard, images))],
+        )
         markers.write_marker(root / "images", unit, {"fingerprint": "bench"})
     markers.write_success(root / "images", {"fingerprint": "bench"})
     return jpegs
@@ -80,13 +83,20 @@ def bound(model_dir: Path, jpegs: list[bytes]) -> float:
     pixels = torch.stack([transform(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs])
     start = time.perf_counter()
     for i in range(0, len(pixels), BATCH):
-        captioner.caption(pixels[i:i + BATCH], [""] * len(pixels[i:i + BATCH]))
+        captioner.caption(pixels[i : i + BATCH], [""] * len(pixels[i : i + BATCH]))
     return time.perf_counter() - start
 
 
 def ours(model_dir: Path, root: Path, workers: int) -> float:
-    cfg = caption.CaptionConfig(backend="blip", model=str(model_dir), captions_per_image=K, generation=GENERATION,
-                                batch_size=BATCH, num_workers=workers, filter={"min_words": 0, "dedupe": False})
+    cfg = caption.CaptionConfig(
+        backend="blip",
+        model=str(model_dir),
+        captions_per_image=K,
+        generation=GENERATION,
+        batch_size=BATCH,
+        num_workers=workers,
+        filter={"min_words": 0, "dedupe": False},
+    )
     start = time.perf_counter()
     result = caption.run(cfg, RunContext(root=root))
     assert result.is_complete
@@ -100,12 +110,17 @@ def part_one(images: int, workers: int, size: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-caption-"))
     model_dir = tiny_models.save_tiny_blip(work / "blip", **MODELS[size])
     jpegs = make_shards(work / "run", images)
-    rows = [("(a) naive, one image at a time", naive(model_dir, jpegs)),
-            ("(b) model on pre-decoded batches", bound(model_dir, jpegs)),
-            (f"(c) caption stage, {workers} workers", ours(model_dir, work / "run", workers))]
+    rows = [
+        ("(a) naive, one image at a time", naive(model_dir, jpegs)),
+        ("(b) model on pre-decoded batches", bound(model_dir, jpegs)),
+        (f"(c) caption stage, {workers} workers", ours(model_dir, work / "run", workers)),
+    ]
     rates = {name: images / seconds for name, seconds in rows}
-    print(f"\ncaption throughput: {images} images (256 px JPEG), {size} BLIP {MODELS[size]}, beam 3, batch {BATCH}, "
-          f"{torch.get_num_threads()} torch threads")
+    print(
+        f"\ncaption throughput: {images} images (256 px JPEG), {size} BLIP {MODELS[size]}, beam 3, "
+        f"batch {BATCH}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
     print(f"{'variant':<40}{'seconds':>9}{'images/s':>10}")
     for name, seconds in rows:
         print(f"{name:<40}{seconds:>9.2f}{rates[name]:>10.1f}")
@@ -113,7 +128,9 @@ def part_one(images: int, workers: int, size: str) -> None:
     print(f"(c)/(a) = {c / a:.2f}  (target >= 3)    (c)/(b) = {c / b:.2f}  (target >= 0.8)")
 
 
-def part_two(bank_sizes: list[int], queries: int, dims: list[int], k: int = 20, threshold: float = 0.271) -> None:
+def part_two(
+    bank_sizes: list[int], queries: int, dims: list[int], k: int = 20, threshold: float = 0.271
+) -> None:
     print(f"\nretrieval search: {queries} images, top-{k} above {threshold}, exact faiss inner product")
     print(f"{'dim':>5}{'bank':>10}{'index s':>9}{'search s':>10}{'images/s':>10}{'s per 1M':>10}")
     rng = np.random.default_rng(0)
@@ -126,8 +143,10 @@ def part_two(bank_sizes: list[int], queries: int, dims: list[int], k: int = 20, 
             built = time.perf_counter()
             top_k_above(*search(index, image_embeddings, k), threshold)
             searched = time.perf_counter() - built
-            print(f"{dim:>5}{size:>10}{built - start:>9.2f}{searched:>10.2f}{queries / searched:>10.0f}"
-                  f"{searched * 1e6 / size:>10.2f}")
+            print(
+                f"{dim:>5}{size:>10}{built - start:>9.2f}{searched:>10.2f}{queries / searched:>10.0f}"
+                f"{searched * 1e6 / size:>10.2f}"
+            )
             del bank, index
 
 
@@ -150,7 +169,9 @@ def main() -> None:
     for size in args.models.split(","):
         part_one(args.images, args.workers, size)
     if not args.skip_retrieval:
-        part_two([int(s) for s in args.bank_sizes.split(",")], args.queries, [int(d) for d in args.dims.split(",")])
+        part_two(
+            [int(s) for s in args.bank_sizes.split(",")], args.queries, [int(d) for d in args.dims.split(",")]
+        )
 
 
 if __name__ == "__main__":

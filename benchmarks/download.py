@@ -6,6 +6,7 @@ Serves generated images on 127.0.0.1, runs bare `img2dataset.download` and our s
 same options (alternating, `--repeats` times each, fresh output folders) and prints both wall times
 and the ratio ours / bare. Target: ours <= 1.1x.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,25 @@ OPTIONS = dict(image_size=64, samples_per_shard=1000, processes=2, threads=32)
 
 def run_bare(url_list: Path, out: Path) -> None:
     import img2dataset
-    img2dataset.download(url_list=str(url_list), input_format="parquet", url_col="url", caption_col="caption",
-                         output_folder=str(out), output_format="webdataset", oom_shard_count=6,
-                         image_size=OPTIONS["image_size"], resize_mode="border", encode_format="jpg",
-                         number_sample_per_shard=OPTIONS["samples_per_shard"],
-                         processes_count=OPTIONS["processes"], thread_count=OPTIONS["threads"],
-                         extract_exif=False, compute_hash="sha256", enable_wandb=False)
+
+    img2dataset.download(
+        url_list=str(url_list),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption",
+        output_folder=str(out),
+        output_format="webdataset",
+        oom_shard_count=6,
+        image_size=OPTIONS["image_size"],
+        resize_mode="border",
+        encode_format="jpg",
+        number_sample_per_shard=OPTIONS["samples_per_shard"],
+        processes_count=OPTIONS["processes"],
+        thread_count=OPTIONS["threads"],
+        extract_exif=False,
+        compute_hash="sha256",
+        enable_wandb=False,
+    )
 
 
 def run_ours(url_list: Path, out: Path) -> None:
@@ -64,8 +78,16 @@ def main() -> None:
     with ImageServer() as server:
         urls = [server.url(f"/img/{i}.jpg") for i in range(args.urls)]
         url_list = work / "urls.parquet"
-        pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(args.urls)],
-                                 "label": [i % 10 for i in range(args.urls)]}), url_list)
+        pq.write_table(
+            pa.table(
+                {
+                    "url": urls,
+                    "caption": [f"c{i}" for i in range(args.urls)],
+                    "label": [i % 10 for i in range(args.urls)],
+                }
+            ),
+            url_list,
+        )
         for repeat in range(args.repeats):
             for name, fn in (("bare img2dataset", run_bare), ("our download stage", run_ours)):
                 out = work / f"{name.split()[0]}-{repeat}"

@@ -9,6 +9,7 @@ Prints one table (mean over seeds, +- half the min-max spread) of i2i mAP, k-NN 
 text-to-image R@1/R@5 and mAP, and writes it to `<out>/table.md`. Seeds and thread count are fixed;
 finished stages are reused, so a second run only prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,11 +28,21 @@ from examples.demo import THREADS, prepare  # noqa: E402
 from examples.image_server import ImageServer  # noqa: E402
 from pipeline.cli import main as pipeline_main  # noqa: E402
 
-MODELS = {"baseline": None, "GPR-FT": "finetune/gpr", "2SFT": "realign/gpr", "MCIP": "finetune/mcip",
-          "MCIP+Re-A": "realign/mcip"}
-COLUMNS = {"i2i mAP": ("i2i_map", "world"), "k-NN top-1": ("knn_top1",), "zero-shot top-1": ("zero_shot", "top1"),
-           "T2I R@1": ("text_to_image", "R@1"), "T2I R@5": ("text_to_image", "R@5"),
-           "T2I mAP": ("text_to_image", "mAP")}
+MODELS = {
+    "baseline": None,
+    "GPR-FT": "finetune/gpr",
+    "2SFT": "realign/gpr",
+    "MCIP": "finetune/mcip",
+    "MCIP+Re-A": "realign/mcip",
+}
+COLUMNS = {
+    "i2i mAP": ("i2i_map", "world"),
+    "k-NN top-1": ("knn_top1",),
+    "zero-shot top-1": ("zero_shot", "top1"),
+    "T2I R@1": ("text_to_image", "R@1"),
+    "T2I R@5": ("text_to_image", "R@5"),
+    "T2I mAP": ("text_to_image", "mAP"),
+}
 
 
 def manifests(root: Path) -> list[dict]:
@@ -41,15 +52,35 @@ def manifests(root: Path) -> list[dict]:
     base = yaml.safe_load((REPO / "examples" / "demo.yaml").read_text().replace("../runs/demo", str(root)))
     stages = base["stages"]
     stages["finetune"].update(clip)
-    gpr = {"run": base["run"], "stages": {
-        "download": stages["download"], "caption": stages["caption"],
-        "finetune": {**stages["finetune"], "name": "gpr", "loss": "gpr", "captions": None},
-        "realign": {**stages["realign"], "name": "gpr", **clip}}}
-    evaluate = {**stages["evaluate"], "name": "fidelity", **clip, "models": [
-        {"name": name, "stage": stage} if stage else {"name": name, "checkpoint": str(models / "mcip-world-rn.pt")}
-        for name, stage in MODELS.items()]}
-    mcip = {"run": base["run"], "stages": {**gpr["stages"], "finetune": stages["finetune"],
-                                            "realign": {**stages["realign"], **clip}, "evaluate": evaluate}}
+    gpr = {
+        "run": base["run"],
+        "stages": {
+            "download": stages["download"],
+            "caption": stages["caption"],
+            "finetune": {**stages["finetune"], "name": "gpr", "loss": "gpr", "captions": None},
+            "realign": {**stages["realign"], "name": "gpr", **clip},
+        },
+    }
+    evaluate = {
+        **stages["evaluate"],
+        "name": "fidelity",
+        **clip,
+        "models": [
+            {"name": name, "stage": stage}
+            if stage
+            else {"name": name, "checkpoint": str(models / "mcip-world-rn.pt")}
+            for name, stage in MODELS.items()
+        ],
+    }
+    mcip = {
+        "run": base["run"],
+        "stages": {
+            **gpr["stages"],
+            "finetune": stages["finetune"],
+            "realign": {**stages["realign"], **clip},
+            "evaluate": evaluate,
+        },
+    }
     return [gpr, mcip]
 
 
@@ -91,8 +122,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     per_seed = {seed: run_seed(args.out, seed, args.pretrain_steps) for seed in args.seeds}
-    text = (f"Seeds {', '.join(map(str, args.seeds))}: mean ± half the spread, in percent.\n\n"
-            + table(per_seed) + "\n")
+    text = (
+        f"Seeds {', '.join(map(str, args.seeds))}: mean ± half the spread, in percent.\n\n"
+        + table(per_seed)
+        + "\n"
+    )
     (args.out / "table.md").write_text(text)
     print(text)
 

@@ -10,6 +10,7 @@ peak memory per rank under DeepSpeed ZeRO-0/1/2, all measured in this one run.
     both after one warm-up step (the loader's worker start is paid once per epoch). Target: <= 10%.
 (d) 2 processes on gloo with DeepSpeed ZeRO stage 0, 1, 2 (tests/helpers/engine_check.py): peak RSS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,6 +57,7 @@ def plain_clip_step(model, tokenizer):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
     return step
 
 
@@ -69,11 +71,13 @@ def mcip_step(module: WithProxies):
         owner = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]
         with torch.no_grad():
             caption_emb = module.clip.encode_text(batch["tokens"][mask])
-        loss = 0.75 * arc_margin_loss(image_emb, batch["cls"], module.proxies) + \
-            0.25 * multi_caption_loss(image_emb, caption_emb, owner)
+        loss = 0.75 * arc_margin_loss(image_emb, batch["cls"], module.proxies) + 0.25 * multi_caption_loss(
+            image_emb, caption_emb, owner
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+
     return step
 
 
@@ -85,11 +89,22 @@ def dataset_for(work: Path, clip, batch: int) -> CaptionedImages:
     for unit, unit_keys in enumerate(keys):
         path = work / "captions" / "bench" / f"{unit:06d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table({"key": unit_keys, "captions": [[f"a red circle number {k} v{i}" for i in range(CAPTIONS)]
-                                                                 for k in unit_keys]}), path)
+        pq.write_table(
+            pa.table(
+                {
+                    "key": unit_keys,
+                    "captions": [
+                        [f"a red circle number {k} v{i}" for i in range(CAPTIONS)] for k in unit_keys
+                    ],
+                }
+            ),
+            path,
+        )
     refs = index_samples(work, [f"{u:06d}" for u in range(4)], "bench")
     cfg = clip.model.visual.preprocess_cfg
-    return CaptionedImages(refs, train_transform(clip.image_size, cfg["mean"], cfg["std"]), clip.tokenizer, CAPTIONS, 0)
+    return CaptionedImages(
+        refs, train_transform(clip.image_size, cfg["mean"], cfg["std"]), clip.tokenizer, CAPTIONS, 0
+    )
 
 
 def zero_memory(clip_files, stages=(0, 1, 2)) -> dict[int, list[float]]:
@@ -97,10 +112,26 @@ def zero_memory(clip_files, stages=(0, 1, 2)) -> dict[int, list[float]]:
     peaks = {}
     for stage in stages:
         out = Path(tempfile.mkdtemp(prefix=f"zero{stage}-"))
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29655",
-                        str(REPO / "tests" / "helpers" / "engine_check.py"), str(out), arch, str(checkpoint),
-                        str(config_dir), str(REPO / "launch" / "deepspeed" / f"zero{stage}.json")],
-                       check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                "29655",
+                str(REPO / "tests" / "helpers" / "engine_check.py"),
+                str(out),
+                arch,
+                str(checkpoint),
+                str(config_dir),
+                str(REPO / "launch" / "deepspeed" / f"zero{stage}.json"),
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         peaks[stage] = [json.loads((out / f"rank{r}.json").read_text())["max_rss_mb"] for r in range(2)]
     return peaks
 
@@ -127,14 +158,17 @@ def measure(size: str, args) -> None:
     if size == "tiny":
         clip_files = tiny_models.save_tiny_clip(work / "clip")
     else:
-        clip_files = tiny_models.save_tiny_clip(work / "clip", name=tiny_models.SMALL_CLIP,
-                                                config=tiny_models.small_clip_config())
+        clip_files = tiny_models.save_tiny_clip(
+            work / "clip", name=tiny_models.SMALL_CLIP, config=tiny_models.small_clip_config()
+        )
     clip = build_model(*clip_files)
     dataset = dataset_for(work / "run", clip, args.batch)
     preloaded = list(epoch_loader(dataset, 0, 0, 1, args.batch, workers=0))[: args.steps]
 
     torch.manual_seed(0)
-    plain = timed_steps(plain_clip_step(build_model(*clip_files).model, clip.tokenizer), preloaded, args.steps)
+    plain = timed_steps(
+        plain_clip_step(build_model(*clip_files).model, clip.tokenizer), preloaded, args.steps
+    )
     module = WithProxies(build_model(*clip_files).model, classes=3)
     mcip = timed_steps(mcip_step(module), preloaded, args.steps)
     step = mcip_step(WithProxies(build_model(*clip_files).model, classes=3))
@@ -146,15 +180,21 @@ def measure(size: str, args) -> None:
     with_loader = (time.perf_counter() - start) / args.steps
     on_tensors = timed_steps(step, preloaded, args.steps)
 
-    print(f"\n{size} open_clip ViT ({clip_files[0]}), batch {args.batch}, "
-          f"{CAPTIONS} captions per image, {torch.get_num_threads()} threads, {args.steps} steps")
+    print(
+        f"\n{size} open_clip ViT ({clip_files[0]}), batch {args.batch}, "
+        f"{CAPTIONS} captions per image, {torch.get_num_threads()} threads, {args.steps} steps"
+    )
     print(f"{'variant':<44}{'ms/step':>9}{'ratio':>8}")
     print(f"{'(a) plain open_clip CLIP-loss step':<44}{plain * 1e3:>9.1f}{1.0:>8.2f}")
-    print(f"{'(b) MCIP step (same model and batch)':<44}{mcip * 1e3:>9.1f}{mcip / plain:>8.2f}   target <= 1.5")
+    print(
+        f"{'(b) MCIP step (same model and batch)':<44}{mcip * 1e3:>9.1f}{mcip / plain:>8.2f}   target <= 1.5"
+    )
     print(f"{'(c) MCIP steps on pre-loaded tensors':<44}{on_tensors * 1e3:>9.1f}{1.0:>8.2f}")
     label = f"(c) MCIP steps fed by our loader ({args.workers} workers)"
-    print(f"{label:<44}{with_loader * 1e3:>9.1f}{with_loader / on_tensors:>8.2f}"
-          f"   target <= 1.10 (samples/s {args.batch / with_loader:.0f} vs {args.batch / on_tensors:.0f})")
+    print(
+        f"{label:<44}{with_loader * 1e3:>9.1f}{with_loader / on_tensors:>8.2f}"
+        f"   target <= 1.10 (samples/s {args.batch / with_loader:.0f} vs {args.batch / on_tensors:.0f})"
+    )
 
 
 if __name__ == "__main__":

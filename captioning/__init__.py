@@ -1,1 +1,3 @@
-"""Captioner protocol and backends (blip, llava, retrieval, alt_text): imports nothing else from the project."""
+"""Captioner protocol and backends (blip, llava, retrieval, alt_text).
+
+Imports nothing else from the project."""

@@ -1,4 +1,5 @@
 """`alt_text` backend: the caption downloaded with the image, as its single caption (a baseline)."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ A captioner has two halves so the model never waits on JPEG decoding: `image_tra
 DataLoader workers (PIL image -> tensor; picklable), `caption` runs on batches of those tensors.
 Heavy imports (transformers, open_clip, faiss) happen inside the backend modules.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,8 +15,12 @@ import torch
 
 from captioning.options import GenerationOptions, RuntimeOptions, SearchOptions  # noqa: F401 (re-exported)
 
-BACKENDS = {"blip": "captioning.blip", "llava": "captioning.llava", "retrieval": "captioning.retrieval",
-            "alt_text": "captioning.alt_text"}
+BACKENDS = {
+    "blip": "captioning.blip",
+    "llava": "captioning.llava",
+    "retrieval": "captioning.retrieval",
+    "alt_text": "captioning.alt_text",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -1,4 +1,5 @@
 """Caption cleanup shared by every backend: whitespace, prompt echo, empty, too short, duplicates."""
+
 from __future__ import annotations
 
 import re
@@ -11,12 +12,13 @@ def strip_prompt(caption: str, prompts: list[str]) -> str:
     text = caption.strip()
     for prompt in sorted(prompts, key=len, reverse=True):
         if prompt and text.lower().startswith(prompt.strip().lower()):
-            return text[len(prompt.strip()):].strip()
+            return text[len(prompt.strip()) :].strip()
     return text
 
 
-def clean_captions(captions: list[str], prompts: list[str] = (), min_words: int = 1,
-                   dedupe: bool = True) -> list[int]:
+def clean_captions(
+    captions: list[str], prompts: list[str] = (), min_words: int = 1, dedupe: bool = True
+) -> list[int]:
     """Indexes of the captions to keep, in order, after cleaning; see `cleaned_text`."""
     kept, seen = [], set()
     for i, caption in enumerate(captions):
@@ -35,8 +37,13 @@ def cleaned_text(caption: str, prompts: list[str] = ()) -> str:
     return _SPACES.sub(" ", strip_prompt(caption, list(prompts))).strip()
 
 
-def clean(captions: list[str], scores: list[float] | None, prompts: list[str] = (), min_words: int = 1,
-          dedupe: bool = True) -> tuple[list[str], list[float] | None]:
+def clean(
+    captions: list[str],
+    scores: list[float] | None,
+    prompts: list[str] = (),
+    min_words: int = 1,
+    dedupe: bool = True,
+) -> tuple[list[str], list[float] | None]:
     """Cleaned captions (and their scores, kept aligned)."""
     keep = clean_captions(captions, prompts, min_words, dedupe)
     texts = [cleaned_text(captions[i], prompts) for i in keep]

@@ -18,6 +18,7 @@ Families (open_clip 3.x):
                     (`hf_model_name`: BERT, RoBERTa, XLM-R, mT5, M2M100)
     CoCa            like CustomTextCLIP; its multimodal `text_decoder` is not part of the text embedding
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,10 @@ from torch import nn
 
 from captioning.base import CaptionerError
 
-SUPPORTED = ("CLIP (ViT or ModifiedResNet image tower), CustomTextCLIP (SigLIP/SigLIP2 or a Hugging Face "
-             "text tower), CoCa")
+SUPPORTED = (
+    "CLIP (ViT or ModifiedResNet image tower), CustomTextCLIP (SigLIP/SigLIP2 or a Hugging Face "
+    "text tower), CoCa"
+)
 IMAGE_PREFIX = "visual."
 LOGIT_PARAMETERS = ("logit_scale", "logit_bias")
 HF_BLOCK_LISTS = ("layer", "block", "layers")  # BERT/RoBERTa/XLM-R encoder.layer, T5 block, M2M100 layers
@@ -62,8 +65,14 @@ def family_of(model) -> ClipFamily:
 def _flat_clip(model) -> ClipFamily:
     """CLIP copies its text tower's parts onto itself (no `.text`)."""
     width = _projected_width(model.text_projection, model.transformer.width)
-    return ClipFamily("clip", "open_clip", model, model.transformer.resblocks,
-                      _present(model.ln_final, model.text_projection), width)
+    return ClipFamily(
+        "clip",
+        "open_clip",
+        model,
+        model.transformer.resblocks,
+        _present(model.ln_final, model.text_projection),
+        width,
+    )
 
 
 def _tower_family(name: str, model) -> ClipFamily:
@@ -73,13 +82,20 @@ def _tower_family(name: str, model) -> ClipFamily:
     text = model.text
     if isinstance(text, TextTransformer):
         width = _projected_width(text.text_projection, text.width)
-        return ClipFamily(name, "open_clip", text, text.transformer.resblocks,
-                          _present(text.ln_final, text.text_projection), width)
+        return ClipFamily(
+            name,
+            "open_clip",
+            text,
+            text.transformer.resblocks,
+            _present(text.ln_final, text.text_projection),
+            width,
+        )
     if isinstance(text, HFTextEncoder):
         blocks, head = _hf_parts(text)
         return ClipFamily(name, f"hf:{text.config.model_type}", text, blocks, head, text.output_dim)
-    raise UnsupportedModelError(f"unsupported text tower {type(text).__name__} in {type(model).__name__}; "
-                                f"supported: {SUPPORTED}")
+    raise UnsupportedModelError(
+        f"unsupported text tower {type(text).__name__} in {type(model).__name__}; supported: {SUPPORTED}"
+    )
 
 
 def _hf_parts(text) -> tuple[nn.ModuleList, tuple]:
@@ -89,8 +105,10 @@ def _hf_parts(text) -> tuple[nn.ModuleList, tuple]:
     lists = [getattr(encoder, n, None) for n in HF_BLOCK_LISTS]
     blocks = next((b for b in lists if isinstance(b, nn.ModuleList)), None)
     if blocks is None:
-        raise UnsupportedModelError(f"unsupported Hugging Face text tower {type(text.transformer).__name__}: "
-                                    f"no block list ({', '.join(HF_BLOCK_LISTS)}); supported: {SUPPORTED}")
+        raise UnsupportedModelError(
+            f"unsupported Hugging Face text tower {type(text.transformer).__name__}: "
+            f"no block list ({', '.join(HF_BLOCK_LISTS)}); supported: {SUPPORTED}"
+        )
     norm = next((getattr(encoder, n) for n in HF_FINAL_NORMS if getattr(encoder, n, None) is not None), None)
     return blocks, _present(norm, getattr(text.transformer, "pooler", None), text.proj)
 

@@ -4,6 +4,7 @@ An architecture name plus a pretrained tag (`openai`), a local checkpoint file, 
 (`hf-hub:org/name` as the architecture); extra architectures (e.g. tiny test models) come from a
 folder of open_clip JSON configs. Embeddings are L2-normalised float32.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,9 +41,10 @@ class ClipModel:
     @torch.inference_mode()
     def encode_texts(self, texts: list[str], batch_size: int = 1024, progress: bool = False) -> np.ndarray:
         chunks = []
-        for start in tqdm(range(0, len(texts), batch_size), desc="embed texts", unit="batch",
-                          disable=not progress):
-            tokens = self.tokenizer(texts[start:start + batch_size]).to(self.device)
+        for start in tqdm(
+            range(0, len(texts), batch_size), desc="embed texts", unit="batch", disable=not progress
+        ):
+            tokens = self.tokenizer(texts[start : start + batch_size]).to(self.device)
             features = self.model.encode_text(tokens)
             chunks.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
         if not chunks:  # the width lives in a different place in each model family
@@ -61,21 +63,41 @@ def register_configs(config_dir: Path | None) -> None:
     open_clip.add_model_config(str(config_dir))
 
 
-def load_clip(arch: str, pretrained: str | Path | None = None, config_dir: Path | None = None,
-              device: str = "cpu", dtype: str = "float32") -> ClipModel:
+def load_clip(
+    arch: str,
+    pretrained: str | Path | None = None,
+    config_dir: Path | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> ClipModel:
     import open_clip
 
     pretrained = str(pretrained) if pretrained is not None else None
     register_configs(config_dir)
     if not arch.startswith("hf-hub:") and arch not in open_clip.list_models():
-        raise CaptionerError(f"unknown open_clip architecture {arch!r} (add its JSON config folder with config_dir)")
-    if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))) \
-            and not Path(pretrained).is_file():
+        raise CaptionerError(
+            f"unknown open_clip architecture {arch!r} (add its JSON config folder with config_dir)"
+        )
+    if (
+        pretrained
+        and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors")))
+        and not Path(pretrained).is_file()
+    ):
         raise CaptionerError(f"open_clip checkpoint not found: {pretrained}")
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=pretrained, device=device
+        )
     except (RuntimeError, OSError, ValueError) as err:
-        raise CaptionerError(f"cannot load open_clip model {arch!r} ({pretrained}): {str(err).splitlines()[0]}") from err
+        raise CaptionerError(
+            f"cannot load open_clip model {arch!r} ({pretrained}): {str(err).splitlines()[0]}"
+        ) from err
     model = model.to(torch_dtype(dtype)).eval()
-    return ClipModel(f"{arch}:{pretrained or 'random'}", model, preprocess, open_clip.get_tokenizer(arch),
-                     device, torch_dtype(dtype))
+    return ClipModel(
+        f"{arch}:{pretrained or 'random'}",
+        model,
+        preprocess,
+        open_clip.get_tokenizer(arch),
+        device,
+        torch_dtype(dtype),
+    )

@@ -5,6 +5,7 @@ per image come from nucleus sampling (`num_return_sequences`), beam search, or o
 Prompt token ids are made once by the model's own processor (on a blank image, so BLIP-2's query
 tokens and LLaVA's expanded image tokens are right) and repeated for every batch.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,11 @@ from captioning.base import CaptionBatchResult, CaptionerError, GenerationOption
 from captioning.cleanup import strip_prompt
 
 # model_type -> class name in transformers; anything else goes through AutoModelForImageTextToText
-MODEL_CLASSES = {"blip": "BlipForConditionalGeneration", "blip-2": "Blip2ForConditionalGeneration",
-                 "llava": "LlavaForConditionalGeneration"}
+MODEL_CLASSES = {
+    "blip": "BlipForConditionalGeneration",
+    "blip-2": "Blip2ForConditionalGeneration",
+    "llava": "LlavaForConditionalGeneration",
+}
 DECODER_ONLY = {"blip-2", "llava"}  # their output starts with the full input ids
 
 
@@ -51,8 +55,16 @@ def load_pretrained(model: str, runtime: RuntimeOptions):
 class GenerativeCaptioner:
     """k captions per image from a vision-language model; see the module docstring."""
 
-    def __init__(self, name: str, model: str, k: int, options: GenerationOptions, runtime: RuntimeOptions,
-                 prompts: list[str], chat_prompts: list[str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: str,
+        k: int,
+        options: GenerationOptions,
+        runtime: RuntimeOptions,
+        prompts: list[str],
+        chat_prompts: list[str],
+    ) -> None:
         self.name, self.model_name, self.k, self.options, self.runtime = name, model, k, options, runtime
         self.model, self.processor, self.model_type = load_pretrained(model, runtime)
         self.prompts = prompts  # as written in the manifest (recorded in caption shards)
@@ -65,8 +77,13 @@ class GenerativeCaptioner:
     def input_size(self) -> int:
         """The largest side the model looks at (JPEGs may be decoded at a reduced scale down to it)."""
         image_processor = self.processor.image_processor
-        sizes = [v for d in (getattr(image_processor, "crop_size", None), image_processor.size) if d
-                 for v in dict(d).values() if isinstance(v, int)]
+        sizes = [
+            v
+            for d in (getattr(image_processor, "crop_size", None), image_processor.size)
+            if d
+            for v in dict(d).values()
+            if isinstance(v, int)
+        ]
         return max(sizes)
 
     def _encode_prompt(self, text: str) -> torch.Tensor:
@@ -91,15 +108,18 @@ class GenerativeCaptioner:
             inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         output = self.model.generate(**inputs, **self._decoding_kwargs(k))
         if self.model_type in DECODER_ONLY and prompt_ids is not None:
-            output = output[:, inputs["input_ids"].shape[1]:]
+            output = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(output, skip_special_tokens=True)
         texts = [strip_prompt(t, self.prompts) for t in texts]
-        return [texts[i * k:(i + 1) * k] for i in range(len(pixels))]
+        return [texts[i * k : (i + 1) * k] for i in range(len(pixels))]
 
     def _decoding_kwargs(self, k: int) -> dict:
         opts = self.options
-        common = {"max_new_tokens": opts.max_new_tokens, "min_new_tokens": opts.min_new_tokens,
-                  "num_return_sequences": k}
+        common = {
+            "max_new_tokens": opts.max_new_tokens,
+            "min_new_tokens": opts.min_new_tokens,
+            "num_return_sequences": k,
+        }
         if opts.decoding == "sample":
             return {**common, "do_sample": True, "top_p": opts.top_p, "temperature": opts.temperature}
         beams = max(opts.num_beams or k, k)

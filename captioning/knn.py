@@ -2,6 +2,7 @@
 
 Vectors are L2-normalised float32, so inner product is cosine.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -42,5 +43,7 @@ def brute_force_topk(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.
 
 def top_k_above(scores: np.ndarray, ids: np.ndarray, threshold: float) -> list[list[tuple[int, float]]]:
     """Per query, the (id, cosine) pairs with cosine > threshold, best first."""
-    return [[(int(i), float(s)) for s, i in zip(row_s, row_i) if i >= 0 and s > threshold]
-            for row_s, row_i in zip(scores, ids)]
+    return [
+        [(int(i), float(s)) for s, i in zip(row_s, row_i) if i >= 0 and s > threshold]
+        for row_s, row_i in zip(scores, ids)
+    ]

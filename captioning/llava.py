@@ -2,6 +2,7 @@
 
 Each prompt is wrapped as a user turn with the image; the prompt is stripped from the output.
 """
+
 from __future__ import annotations
 
 from captioning.base import CaptionerError, GenerationOptions, RuntimeOptions
@@ -24,8 +25,12 @@ class LlavaCaptioner(GenerativeCaptioner):
         self._prompt_ids = [self._encode_prompt(chat_prompt(self.processor, p)) for p in self.prompts]
 
 
-def build(model: str, k: int = 5, generation: GenerationOptions = GenerationOptions(),
-          runtime: RuntimeOptions = RuntimeOptions()) -> LlavaCaptioner:
+def build(
+    model: str,
+    k: int = 5,
+    generation: GenerationOptions = GenerationOptions(),
+    runtime: RuntimeOptions = RuntimeOptions(),
+) -> LlavaCaptioner:
     if not model:
         raise CaptionerError("the llava backend needs `model` (a hub name or a local folder)")
     return LlavaCaptioner(model, k, generation, runtime)

@@ -6,6 +6,7 @@ errors that name the key). The caption stage's manifest sections are these class
 
 pydantic only, so the manifest can be validated without importing torch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

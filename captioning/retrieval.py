@@ -4,6 +4,7 @@ CLIP cosine with it is above a threshold (defaults k=20, threshold 0.271; an ima
 The bank texts and their embeddings are given (the caption stage embeds the bank once and caches
 it under the run root); images are embedded with the same model's image tower.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,14 @@ class RetrievalCaptioner:
     name = "retrieval"
     prompts: list[str] = []
 
-    def __init__(self, clip: ClipModel, bank_texts: list[str], bank_embeddings: np.ndarray, k: int,
-                 options: SearchOptions) -> None:
+    def __init__(
+        self,
+        clip: ClipModel,
+        bank_texts: list[str],
+        bank_embeddings: np.ndarray,
+        k: int,
+        options: SearchOptions,
+    ) -> None:
         self.clip, self.model_name = clip, clip.name
         self.bank_texts, self.k, self.threshold = bank_texts, k, options.threshold
         self.index = build_index(bank_embeddings, options.index, options.ivf_nlist, options.ivf_nprobe)
@@ -36,14 +43,22 @@ class RetrievalCaptioner:
         image_embeddings = self.clip.encode_images(pixels).numpy()
         scores, ids = search(self.index, image_embeddings, self.k)
         hits = top_k_above(scores, ids, self.threshold)
-        return CaptionBatchResult([[self.bank_texts[i] for i, _ in row] for row in hits],
-                                  [[s for _, s in row] for row in hits])
+        return CaptionBatchResult(
+            [[self.bank_texts[i] for i, _ in row] for row in hits], [[s for _, s in row] for row in hits]
+        )
 
 
-def build(clip: ClipModel, bank_texts: list[str], bank_embeddings: np.ndarray, k: int = 20,
-          options: SearchOptions = SearchOptions()) -> RetrievalCaptioner:
+def build(
+    clip: ClipModel,
+    bank_texts: list[str],
+    bank_embeddings: np.ndarray,
+    k: int = 20,
+    options: SearchOptions = SearchOptions(),
+) -> RetrievalCaptioner:
     if clip is None:
         raise CaptionerError("the retrieval backend needs an open_clip model")
     if not bank_texts or bank_embeddings is None or len(bank_texts) != len(bank_embeddings):
-        raise CaptionerError("the retrieval backend needs a non-empty caption bank with one embedding per caption")
+        raise CaptionerError(
+            "the retrieval backend needs a non-empty caption bank with one embedding per caption"
+        )
     return RetrievalCaptioner(clip, bank_texts, bank_embeddings, k, options)

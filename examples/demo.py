@@ -9,6 +9,7 @@ of seeing a changed input) while the stages of the manifest run: download -> cap
 retrieval) -> finetune (MCIP) -> realign -> evaluate, and prints the comparison table and the report's
 path. A second run finds every unit done and prints the table again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = ImageServer(port, folder=root / "world")
     except OSError as err:
-        print(f"error: cannot serve the demo images on 127.0.0.1:{port} ({err}); "
-              f"free the port or delete {root / 'world'} to start over", file=sys.stderr)
+        print(
+            f"error: cannot serve the demo images on 127.0.0.1:{port} ({err}); "
+            f"free the port or delete {root / 'world'} to start over",
+            file=sys.stderr,
+        )
         return 2
     with server:
         code = pipeline_main(["run", str(args.manifest)])

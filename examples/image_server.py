@@ -9,6 +9,7 @@ with status 200; `/truncated.jpg` a JPEG cut off after its header; `/huge.png` a
 declaring 100000 x 100000 pixels (a decompression bomb); `/flaky/<n>.jpg` 503 on the first
 request for that path, the picture after; `/slow/<n>.jpg` the picture after 0.3 s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,14 +43,21 @@ def generated_jpeg(n: int, size: int = 96) -> bytes:
 
 def bomb_png(side: int = 100_000) -> bytes:
     """A PNG whose header declares side x side pixels, with almost no data behind it."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _picture_number(path: str, prefix: str) -> int | None:
-    stem = path[len(prefix):-4] if path.startswith(prefix) and path.endswith(".jpg") else ""
+    stem = path[len(prefix) : -4] if path.startswith(prefix) and path.endswith(".jpg") else ""
     return int(stem) if stem.isdigit() else None
 
 

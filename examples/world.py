@@ -2,8 +2,9 @@
 
 Every picture shows one object (shape, colour) on a background colour: that is all its caption says.
 Each class is an *instance*: a meaning plus a fine detail no caption mentions (stripes printed on the
-object: their direction, count and thickness), so several visually distinct instances share one caption; the semantic-visual
-gap of the MCIP paper. Pictures of an instance differ in position, size and noise.
+object: their direction, count and thickness), so several visually distinct instances share one
+caption; the semantic-visual gap of the MCIP paper. Pictures of an instance differ in position, size
+and noise.
 
     python -m examples.world OUT [--seed 0] [--port 8000]   # writes the world into OUT
 
@@ -15,6 +16,7 @@ Writes (deterministic for a seed):
   OUT/eval/<class>/<n>.jpg  unseen instances grouped so a group differs only in the object's shape,
   OUT/eval/class_names.json instance -> its meaning; OUT/eval/captions.json Karpathy-style captions
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,18 +31,44 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "diamond")
-COLOURS = {"red": (205, 40, 40), "green": (40, 150, 60), "blue": (45, 80, 215), "yellow": (230, 200, 40),
-           "purple": (140, 60, 190), "orange": (235, 130, 30)}
-BACKGROUNDS = {"white": (235, 235, 235), "black": (25, 25, 25), "grey": (128, 128, 128), "pink": (240, 170, 190)}
+COLOURS = {
+    "red": (205, 40, 40),
+    "green": (40, 150, 60),
+    "blue": (45, 80, 215),
+    "yellow": (230, 200, 40),
+    "purple": (140, 60, 190),
+    "orange": (235, 130, 30),
+}
+BACKGROUNDS = {
+    "white": (235, 235, 235),
+    "black": (25, 25, 25),
+    "grey": (128, 128, 128),
+    "pink": (240, 170, 190),
+}
 PHRASINGS = (
-    "a {c} {s} on a {b} background", "a photo of a {c} {s} on {b}", "{c} {s}, {b} background",
-    "a {s} in {c} against a {b} backdrop", "an image of a {c} {s} on a {b} surface", "a {c} {s}",
-    "a picture showing a {c} {s} with a {b} background", "a simple {c} {s} drawn on {b}",
-    "{b} background with a {c} {s}", "a {c} coloured {s} on {b}", "the {s} is {c}, the background {b}",
-    "a close-up of a {c} {s} on {b}", "a flat {c} {s} in front of {b}", "a {c} {s} over a plain {b} field",
-    "one {c} {s} on a {b} backdrop", "a {s}, {c}, on {b}", "a graphic of a {c} {s} on {b}",
-    "a {c} {s} centred on a {b} background", "a small {c} {s} on {b}", "an illustration of a {c} {s} on {b}",
-    "a {c} {s} shape on a {b} canvas", "{c} {s} on {b}", "a {s} painted {c} on a {b} wall",
+    "a {c} {s} on a {b} background",
+    "a photo of a {c} {s} on {b}",
+    "{c} {s}, {b} background",
+    "a {s} in {c} against a {b} backdrop",
+    "an image of a {c} {s} on a {b} surface",
+    "a {c} {s}",
+    "a picture showing a {c} {s} with a {b} background",
+    "a simple {c} {s} drawn on {b}",
+    "{b} background with a {c} {s}",
+    "a {c} coloured {s} on {b}",
+    "the {s} is {c}, the background {b}",
+    "a close-up of a {c} {s} on {b}",
+    "a flat {c} {s} in front of {b}",
+    "a {c} {s} over a plain {b} field",
+    "one {c} {s} on a {b} backdrop",
+    "a {s}, {c}, on {b}",
+    "a graphic of a {c} {s} on {b}",
+    "a {c} {s} centred on a {b} background",
+    "a small {c} {s} on {b}",
+    "an illustration of a {c} {s} on {b}",
+    "a {c} {s} shape on a {b} canvas",
+    "{c} {s} on {b}",
+    "a {s} painted {c} on a {b} wall",
     "a clean {c} {s} on a {b} background",
 )
 CANONICAL = "a {c} {s} on a {b} background"
@@ -107,9 +135,14 @@ def render(instance: Instance, rng: np.random.Generator) -> Image.Image:
         draw.rectangle(outline, fill=fill)
     else:
         draw.polygon(outline, fill=fill)
-    draw_stripes(draw, instance.detail, cx, cy + (r * 0.25 if instance.shape == "triangle" else 0),
-                 r * (0.5 if instance.shape in ("triangle", "diamond") else 0.6),
-                 (10, 10, 10) if sum(fill) > 300 else (245, 245, 245))
+    draw_stripes(
+        draw,
+        instance.detail,
+        cx,
+        cy + (r * 0.25 if instance.shape == "triangle" else 0),
+        r * (0.5 if instance.shape in ("triangle", "diamond") else 0.6),
+        (10, 10, 10) if sum(fill) > 300 else (245, 245, 245),
+    )
     small = np.asarray(image.resize((SIZE, SIZE), Image.LANCZOS), dtype=np.float32)
     noisy = np.clip(small + rng.normal(0, 6, small.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(noisy)
@@ -148,9 +181,15 @@ class WorldSize:
     @classmethod
     def tiny(cls) -> "WorldSize":
         """A few hundred pictures: for the test suite's end-to-end run of the demo."""
-        return cls(pretrain_images=256, finetune_meanings=8, instances_per_meaning=2,
-                   finetune_images_per_instance=4, eval_groups=2, eval_instances_per_meaning=2,
-                   eval_images_per_instance=4)
+        return cls(
+            pretrain_images=256,
+            finetune_meanings=8,
+            instances_per_meaning=2,
+            finetune_images_per_instance=4,
+            eval_groups=2,
+            eval_instances_per_meaning=2,
+            eval_images_per_instance=4,
+        )
 
 
 def generate(out: Path, seed: int = 0, size: WorldSize = WorldSize(), port: int = 8000) -> None:
@@ -219,8 +258,14 @@ def write_eval(folder: Path, rng: np.random.Generator, taken: dict, size: WorldS
                 (folder / label).mkdir(parents=True, exist_ok=True)
                 for k in range(size.eval_images_per_instance):
                     (folder / label / f"{k}.jpg").write_bytes(jpeg(render(instance, rng)))
-                    entries.append({"filepath": label, "filename": f"{k}.jpg", "split": "test",
-                                    "sentences": [{"raw": instance.meaning}]})
+                    entries.append(
+                        {
+                            "filepath": label,
+                            "filename": f"{k}.jpg",
+                            "split": "test",
+                            "sentences": [{"raw": instance.meaning}],
+                        }
+                    )
     (folder / "class_names.json").write_text(json.dumps(names, indent=1))
     (folder / "captions.json").write_text(json.dumps({"dataset": "world", "images": entries}))
 

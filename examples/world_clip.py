@@ -9,6 +9,7 @@ Run    python -m examples.world_clip WORLD OUT [--steps 1500] [--seed 0]
 Image tower: open_clip's ModifiedResNet at width 16 (a tiny ViT did not learn shape within minutes on
 2 cores; shared/METHOD.md). Skips the work when OUT already holds a model made with the same settings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,21 +31,30 @@ from stages.training.model import build_model, export_model
 log = logging.getLogger(__name__)
 
 ARCH = "mcip-world-rn"
-CONFIG = {"embed_dim": 64,
-          "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
-          "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3}}
+CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+    "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+}
 
 
-def pretrained_model(world: Path, out: Path, steps: int = 1500, seed: int = 0, batch_size: int = 32,
-                     lr: float = 1e-3) -> tuple[str, Path, Path]:
+def pretrained_model(
+    world: Path, out: Path, steps: int = 1500, seed: int = 0, batch_size: int = 32, lr: float = 1e-3
+) -> tuple[str, Path, Path]:
     """(architecture, checkpoint, config folder); trains only when no model with these settings exists."""
     out = Path(out)
     config_dir = out / "open_clip_configs"
     config_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config_dir / f"{ARCH}.json", CONFIG)  # unchanged content: file left alone
     checkpoint, about = out / f"{ARCH}.pt", out / f"{ARCH}.json"
-    settings = {"world": str(Path(world).resolve()), "steps": steps, "seed": seed, "batch_size": batch_size,
-                "lr": lr, "config": CONFIG}
+    settings = {
+        "world": str(Path(world).resolve()),
+        "steps": steps,
+        "seed": seed,
+        "batch_size": batch_size,
+        "lr": lr,
+        "config": CONFIG,
+    }
     if checkpoint.exists() and about.exists() and json.loads(about.read_text()) == settings:
         return ARCH, checkpoint, config_dir
     torch.manual_seed(seed)
@@ -62,14 +72,17 @@ def load_pretrain_split(path: Path, preprocess) -> tuple[torch.Tensor, list[str]
     return torch.stack(pixels), table["caption"].to_pylist()
 
 
-def train(clip, images: torch.Tensor, captions: list[str], steps: int, seed: int, batch_size: int,
-          lr: float) -> None:
-    """AdamW, short warm-up + cosine schedule over `steps` random batches; horizontal flips as the only augmentation."""
+def train(
+    clip, images: torch.Tensor, captions: list[str], steps: int, seed: int, batch_size: int, lr: float
+) -> None:
+    """AdamW, short warm-up + cosine schedule over `steps` random batches; horizontal flips as the only
+    augmentation."""
     model = clip.model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / steps)))
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / steps))
+    )
     rng = np.random.default_rng(seed)
     tokens = clip.tokenizer(captions)
     bar = tqdm(range(steps), desc="pre-train world CLIP", unit="step")

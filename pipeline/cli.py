@@ -9,6 +9,7 @@
 
 Exit code 0 on success; otherwise one line `error: ...` on stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcip", description="MCIP caption-shard pipeline")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("validate", "check the manifest and its inputs"),
-                       ("plan", "what would run: stages, units pending/done"),
-                       ("status", "per stage: units done/total, samples ok/failed")):
+    for name, text in (
+        ("validate", "check the manifest and its inputs"),
+        ("plan", "what would run: stages, units pending/done"),
+        ("status", "per stage: units done/total, samples ok/failed"),
+    ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("manifest")
         if name == "status":
@@ -47,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--stage", choices=STAGE_ORDER, help="run only this stage")
     which.add_argument("--from", dest="start", choices=STAGE_ORDER, help="run this stage and the later ones")
     run.add_argument("--force", action="store_true", help="redo units made with other settings")
-    run.add_argument("--retry-failed", action="store_true",
-                     help="download: re-download the rows that failed into extra shards")
+    run.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="download: re-download the rows that failed into extra shards",
+    )
     export = sub.add_parser("export", help="write images + one caption set as plain webdataset shards")
     export.add_argument("manifest")
     export.add_argument("--captions", required=True, metavar="SET", help="caption set (captions/<SET>)")
@@ -85,8 +91,10 @@ def _plan(args, manifest, ctx) -> int:
             print(f"{name}: waiting ({status.waiting_for})")
             continue
         more = f", {status.units_stale} made with other settings (need --force)" if status.units_stale else ""
-        print(f"{name}: {status.units_total} units, {status.units_done} done, "
-              f"{status.units_total - status.units_done} pending{more}")
+        print(
+            f"{name}: {status.units_total} units, {status.units_done} done, "
+            f"{status.units_total - status.units_done} pending{more}"
+        )
     return 0
 
 
@@ -108,7 +116,9 @@ def _status_line(s) -> str:
     if s.stage == "download":
         samples = f"samples ok {counts.get('ok', 0)}, failed {counts.get('failed', 0)}"
     else:
-        samples = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if not isinstance(v, dict))
+        samples = ", ".join(
+            f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if not isinstance(v, dict)
+        )
     return f"{s.units_done}/{s.units_total} units done; {samples}" + (" [complete]" if s.is_complete else "")
 
 
@@ -138,5 +148,12 @@ def _export(args, manifest, ctx) -> int:
     return 0
 
 
-COMMANDS = {"validate": _validate, "plan": _plan, "status": _status, "run": _run, "export": _export,
-            "submit": slurm_cli.submit, "slurm-steps": slurm_cli.slurm_steps}
+COMMANDS = {
+    "validate": _validate,
+    "plan": _plan,
+    "status": _status,
+    "run": _run,
+    "export": _export,
+    "submit": slurm_cli.submit,
+    "slurm-steps": slurm_cli.slurm_steps,
+}

@@ -4,6 +4,7 @@ Order: torchrun's RANK/WORLD_SIZE inside a launched step (LOCAL_RANK set: under 
 SLURM_PROCID counts nodes, not processes); then SLURM tasks, times the job-array task when the job is
 an array (rank = array index * SLURM_NTASKS + SLURM_PROCID); then RANK/WORLD_SIZE; else rank 0 of 1.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,11 @@ def _slurm(env: Mapping[str, str]) -> tuple[int, int] | None:
     procid, ntasks = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS", "1")
     if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
         index = _int(env, "SLURM_ARRAY_TASK_ID") - _int(env, "SLURM_ARRAY_TASK_MIN", "0")
-        return _checked(index * ntasks + procid, _int(env, "SLURM_ARRAY_TASK_COUNT") * ntasks,
-                        "SLURM_ARRAY_TASK_ID/SLURM_PROCID")
+        return _checked(
+            index * ntasks + procid,
+            _int(env, "SLURM_ARRAY_TASK_COUNT") * ntasks,
+            "SLURM_ARRAY_TASK_ID/SLURM_PROCID",
+        )
     return _checked(procid, ntasks, "SLURM_PROCID/SLURM_NTASKS")
 
 
@@ -48,7 +52,8 @@ def rank_and_world(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
     return 0, 1
 
 
-def context_from_env(root: Path, seed: int, force: bool = False,
-                     env: Mapping[str, str] = os.environ) -> RunContext:
+def context_from_env(
+    root: Path, seed: int, force: bool = False, env: Mapping[str, str] = os.environ
+) -> RunContext:
     rank, world = rank_and_world(env)
     return RunContext(root=Path(root), rank=rank, world_size=world, seed=seed, force=force)

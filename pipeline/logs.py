@@ -1,4 +1,5 @@
 """Logging set up once by the CLI, with a rank prefix: `12:00:01 [download 3/8] INFO ...`."""
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@ Errors name the manifest file, the key path and the bad value, on one line:
 `demo.yaml: stages.download.samples_per_shard: must be > 0, got -3`.
 Relative paths are taken from the manifest's folder.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,8 +30,11 @@ class RunSection(BaseModel):
 
 
 # `stages:` has one optional key per registered stage, in run order
-StagesSection = create_model("StagesSection", __config__=ConfigDict(extra="forbid", frozen=True),
-                             **{spec.name: (spec.config | None, None) for spec in STAGES})
+StagesSection = create_model(
+    "StagesSection",
+    __config__=ConfigDict(extra="forbid", frozen=True),
+    **{spec.name: (spec.config | None, None) for spec in STAGES},
+)
 
 
 class Manifest(BaseModel):
@@ -45,8 +49,10 @@ class Manifest(BaseModel):
     def stage_config(self, name: str):
         cfg = getattr(self.stages, name, None)
         if cfg is None:
-            raise ManifestError(f"stage {name!r} is not configured in the manifest "
-                                f"(configured: {', '.join(self.configured_stages()) or 'none'})")
+            raise ManifestError(
+                f"stage {name!r} is not configured in the manifest "
+                f"(configured: {', '.join(self.configured_stages()) or 'none'})"
+            )
         return cfg
 
 
@@ -59,7 +65,9 @@ def load_manifest(path: Path) -> Manifest:
     except yaml.YAMLError as err:
         raise ManifestError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict):
-        raise ManifestError(f"{path}: a manifest is a mapping with 'run' and 'stages', got {type(data).__name__}")
+        raise ManifestError(
+            f"{path}: a manifest is a mapping with 'run' and 'stages', got {type(data).__name__}"
+        )
     try:
         return Manifest.model_validate(data, context={"base_dir": path.resolve().parent})
     except ValidationError as err:
@@ -67,9 +75,12 @@ def load_manifest(path: Path) -> Manifest:
 
 
 _TEMPLATES = {
-    "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}",
-    "less_than": "must be < {lt}", "less_than_equal": "must be <= {le}",
-    "extra_forbidden": "unknown key", "missing": "required key is missing",
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
     "literal_error": "must be one of {expected}",
 }
 
@@ -94,4 +105,3 @@ def resolved_yaml(manifest: Manifest, fingerprints: dict[str, str]) -> str:
     data = manifest.model_dump(mode="json", exclude_none=True)
     data["fingerprints"] = fingerprints
     return yaml.safe_dump(data, sort_keys=False)
-

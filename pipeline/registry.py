@@ -7,6 +7,7 @@ A stage module offers `run(cfg, ctx, **options) -> StageResult`, `describe(cfg, 
 unit bookkeeping they share). `kind` says how a job runs it: "data" stages split their units over
 independent tasks; "training" stages are one unit that every process of a torchrun works on.
 """
+
 from __future__ import annotations
 
 import importlib

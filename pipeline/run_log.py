@@ -1,9 +1,11 @@
 """A line per stage run per rank in `<root>/logs/runs.jsonl`: when, how long, which job and log.
 
 `status` reads it for the samples per second of a stage's last run and for the log of the task that
-owned each unit still pending (the stages' own split, `shards.naming.rank_split`). Appending one short line with
+owned each unit still pending (the stages' own split, `shards.naming.rank_split`). Appending one short
+line with
 O_APPEND is atomic enough for several ranks writing at once.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +42,17 @@ def samples_of(counts: dict[str, Any]) -> int:
 def record_run(root: Path, stage: str, rank: int, world: int, started: float, seconds: float, result) -> None:
     """Samples of this run: the stage's per-unit average times the units this rank finished now."""
     per_unit = samples_of(result.counts) / result.units_done if result.units_done else 0
-    entry = {"stage": stage, "rank": rank, "world": world, "started": started, "seconds": round(seconds, 3),
-             "units_run": result.units_run, "complete": result.is_complete,
-             "samples": round(per_unit * result.units_run), **job_info(root, stage)}
+    entry = {
+        "stage": stage,
+        "rank": rank,
+        "world": world,
+        "started": started,
+        "seconds": round(seconds, 3),
+        "units_run": result.units_run,
+        "complete": result.is_complete,
+        "samples": round(per_unit * result.units_run),
+        **job_info(root, stage),
+    }
     path = runs_file(root)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:

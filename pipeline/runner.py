@@ -4,6 +4,7 @@ The stages and what a stage module offers are in `pipeline.registry`; the unit b
 (markers, fingerprints, rank split) is in `stages.base`. A stage whose input is not ready
 (`InputNotReady`) is "waiting"; any other error is reported as it is.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,7 +32,7 @@ def select_stages(manifest: Manifest, only: str | None = None, start: str | None
         return [only]
     if start:
         manifest.stage_config(start)
-        return configured[configured.index(start):]
+        return configured[configured.index(start) :]
     return configured
 
 
@@ -40,8 +41,13 @@ def check_inputs(manifest: Manifest) -> None:
         stage_module(name).check_inputs(manifest.stage_config(name))
 
 
-def run_stages(manifest: Manifest, ctx: RunContext, names: list[str],
-               options: dict[str, dict[str, Any]] | None = None, on_stage=None) -> list[StageResult]:
+def run_stages(
+    manifest: Manifest,
+    ctx: RunContext,
+    names: list[str],
+    options: dict[str, dict[str, Any]] | None = None,
+    on_stage=None,
+) -> list[StageResult]:
     """Run `names` in order; stop at the first stage that is not complete after its run."""
     check_inputs(manifest)  # before anything is written
     results = []
@@ -54,8 +60,12 @@ def run_stages(manifest: Manifest, ctx: RunContext, names: list[str],
         run_log.record_run(ctx.root, name, ctx.rank, ctx.world_size, started, time.time() - started, result)
         results.append(result)
         if not result.is_complete:
-            log.info("stage %s: %d/%d units done; later stages wait for it",
-                     name, result.units_done, result.units_total)
+            log.info(
+                "stage %s: %d/%d units done; later stages wait for it",
+                name,
+                result.units_done,
+                result.units_total,
+            )
             break
     if ctx.is_main:  # once, after the stages: describing a stage re-reads its inputs
         _write_resolved_manifest(manifest, ctx.root)
@@ -94,12 +104,21 @@ def stage_status(manifest: Manifest, name: str) -> StageStatus:
     """Units done/total (done = marker with the current fingerprint) and merged counts."""
     module = stage_module(name)
     try:
-        folder, units, settings = module.describe(manifest.stage_config(name), manifest.run.root, manifest.run.seed)
+        folder, units, settings = module.describe(
+            manifest.stage_config(name), manifest.run.root, manifest.run.seed
+        )
     except InputNotReady as err:
         return StageStatus(stage=name, units_total=0, units_done=0, units_stale=0, waiting_for=str(err))
     fingerprint = fingerprint_of(settings)
     found = markers.read_markers(folder, units)
     done = {u: m for u, m in found.items() if m.get("fingerprint") == fingerprint}
-    return StageStatus(stage=name, units_total=len(units), units_done=len(done),
-                       units_stale=len(found) - len(done), pending=[u for u in units if u not in done], units=list(units),
-                       counts=module.merge_counts(list(done.values())), is_complete=len(done) == len(units))
+    return StageStatus(
+        stage=name,
+        units_total=len(units),
+        units_done=len(done),
+        units_stale=len(found) - len(done),
+        pending=[u for u in units if u not in done],
+        units=list(units),
+        counts=module.merge_counts(list(done.values())),
+        is_complete=len(done) == len(units),
+    )

@@ -7,6 +7,7 @@ manifest's `slurm:` section (pipeline/slurm_config.py). Job ids go to `<root>/sl
 `status` can show the running ones. Logs: `<root>/logs/<stage>/slurm-<job>.out` (the batch script)
 and `<root>/logs/<stage>/<job>-task<N>.log` (one per task, appended to after a requeue).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,18 +57,35 @@ def sbatch_options(stage: str, res: SlurmResources, root: Path) -> list[str]:
     """Resources, requeue and signal settings, logs and the environment the launcher reads."""
     array = res.array is not None
     output = log_dir(Path(root).resolve(), stage) / ("slurm-%A_%a.out" if array else "slurm-%j.out")
-    options = [f"--job-name=mcip-{stage}", "--requeue", "--open-mode=append",
-               f"--signal=B:USR1@{res.signal_lead}", f"--nodes={res.nodes}",
-               f"--ntasks-per-node={res.tasks_per_node}", f"--output={output}"]
-    options += [f"--{flag}={value}" for flag, value in (
-        ("partition", res.partition), ("account", res.account), ("cpus-per-task", res.cpus_per_task),
-        ("mem", res.mem), ("time", res.time)) if value is not None]
+    options = [
+        f"--job-name=mcip-{stage}",
+        "--requeue",
+        "--open-mode=append",
+        f"--signal=B:USR1@{res.signal_lead}",
+        f"--nodes={res.nodes}",
+        f"--ntasks-per-node={res.tasks_per_node}",
+        f"--output={output}",
+    ]
+    options += [
+        f"--{flag}={value}"
+        for flag, value in (
+            ("partition", res.partition),
+            ("account", res.account),
+            ("cpus-per-task", res.cpus_per_task),
+            ("mem", res.mem),
+            ("time", res.time),
+        )
+        if value is not None
+    ]
     if res.gpus_per_node:
         options.append(f"--gpus-per-node={res.gpus_per_node}")
     if array:
         options.append(f"--array=0-{res.array - 1}")
-    env = {"MCIP_MAX_REQUEUES": res.max_requeues, "MCIP_NPROC_PER_NODE": res.processes_per_node,
-           "MCIP_PYTHON": sys.executable}
+    env = {
+        "MCIP_MAX_REQUEUES": res.max_requeues,
+        "MCIP_NPROC_PER_NODE": res.processes_per_node,
+        "MCIP_PYTHON": sys.executable,
+    }
     options.append("--export=ALL," + ",".join(f"{k}={v}" for k, v in env.items()))
     return options + list(res.extra)
 
@@ -78,11 +96,17 @@ def plan_jobs(manifest: Manifest, manifest_path: Path, names: list[str]) -> list
     jobs = []
     for stage in names:
         state = stage_status(manifest, stage)
-        pending = (f"waiting for its input ({state.waiting_for})" if state.waiting_for
-                   else f"{len(state.pending)} of {state.units_total} units pending")
+        pending = (
+            f"waiting for its input ({state.waiting_for})"
+            if state.waiting_for
+            else f"{len(state.pending)} of {state.units_total} units pending"
+        )
         options = sbatch_options(stage, manifest.slurm.resources(stage), manifest.run.root)
-        jobs.append(SlurmJob(stage, options, [str(LAUNCHER), str(Path(manifest_path).resolve()), "--stage", stage],
-                             pending))
+        jobs.append(
+            SlurmJob(
+                stage, options, [str(LAUNCHER), str(Path(manifest_path).resolve()), "--stage", stage], pending
+            )
+        )
     return jobs
 
 
@@ -93,8 +117,13 @@ def dry_run_text(jobs: list[SlurmJob]) -> str:
         kind = "torchrun per node" if stage_spec(job.stage).kind == "training" else "tasks share the units"
         lines.append(f"# {job.stage}: {job.pending} ({kind})")
         after = f"$JOB_{previous.upper()}" if previous else None
-        lines.append(f"JOB_{job.stage.upper()}=$(" + shlex.join(job.command(after)).replace(
-            shlex.quote(f"--dependency=afterok:{after}"), f"--dependency=afterok:{after}") + ")")
+        lines.append(
+            f"JOB_{job.stage.upper()}=$("
+            + shlex.join(job.command(after)).replace(
+                shlex.quote(f"--dependency=afterok:{after}"), f"--dependency=afterok:{after}"
+            )
+            + ")"
+        )
         previous = job.stage
     return "\n".join(lines) + f"\n\n# {LAUNCHER}:\n" + LAUNCHER.read_text()
 
@@ -109,7 +138,9 @@ def submit(jobs: list[SlurmJob], root: Path) -> dict[str, str]:
         log_dir(root, job.stage).mkdir(parents=True, exist_ok=True)
         done = subprocess.run(job.command(previous), capture_output=True, text=True)
         if done.returncode != 0:
-            raise SlurmError(f"sbatch refused the {job.stage} job: {done.stderr.strip() or done.stdout.strip()}")
+            raise SlurmError(
+                f"sbatch refused the {job.stage} job: {done.stderr.strip() or done.stdout.strip()}"
+            )
         previous = ids[job.stage] = done.stdout.strip().split(";")[0]
     record = read_jobs(root)
     record.update({stage: {"job_id": job_id, "submitted_at": time.time()} for stage, job_id in ids.items()})
@@ -122,8 +153,19 @@ def read_jobs(root: Path) -> dict[str, dict]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                 "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT"}
+ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "SUSPENDED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+}
 
 
 def job_states(job_ids: list[str]) -> dict[str, str]:

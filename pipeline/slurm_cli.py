@@ -4,6 +4,7 @@ adds per stage (job ids in the queue, failed units with their logs, samples/s of
     python -m pipeline submit MANIFEST [--stage S | --from S] [--dry-run]
     python -m pipeline slurm-steps MANIFEST [--stage S | --from S]   # used by launch/slurm_mcip.sh
 """
+
 from __future__ import annotations
 
 from pipeline import run_log, slurm
@@ -12,15 +13,19 @@ from pipeline.runner import StageStatus, select_stages
 
 
 def add_parsers(sub) -> None:
-    for name, text in (("submit", "submit one SLURM job per stage, chained with afterok"),
-                       ("slurm-steps", "the launcher's plan: '<stage> <data|training> <log dir>' per line")):
+    for name, text in (
+        ("submit", "submit one SLURM job per stage, chained with afterok"),
+        ("slurm-steps", "the launcher's plan: '<stage> <data|training> <log dir>' per line"),
+    ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("manifest")
         which = cmd.add_mutually_exclusive_group()
         which.add_argument("--stage", choices=STAGE_ORDER, help="only this stage")
         which.add_argument("--from", dest="start", choices=STAGE_ORDER, help="this stage and the later ones")
         if name == "submit":
-            cmd.add_argument("--dry-run", action="store_true", help="print the sbatch commands and the script")
+            cmd.add_argument(
+                "--dry-run", action="store_true", help="print the sbatch commands and the script"
+            )
 
 
 def submit(args, manifest, ctx) -> int:
@@ -56,7 +61,9 @@ def job_lines(root, statuses: list[StageStatus]) -> dict[str, list[str]]:
             extra.append(f"last run {rate:.1f} samples/s")
         if runs and not running and s.pending and not s.waiting_for:
             logs = run_log.unit_logs(s.units, s.pending, runs)
-            failed = ", ".join(f"{u} (log: {path or 'local run, no log file'})" for u, path in list(logs.items())[:10])
+            failed = ", ".join(
+                f"{u} (log: {path or 'local run, no log file'})" for u, path in list(logs.items())[:10]
+            )
             more = f" and {len(logs) - 10} more" if len(logs) > 10 else ""
             extra.append(f"not done after the last run: {failed}{more}")
         lines[s.stage] = extra

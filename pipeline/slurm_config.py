@@ -11,6 +11,7 @@ A stage section overrides only the keys it sets. `array` is for the data stages 
 caption, evaluate); training stages run one torchrun per node with `gpus_per_node` processes (or
 `tasks_per_node` without GPUs).
 """
+
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, create_model, field_validator, model_validator
@@ -58,8 +59,9 @@ class _StageResources(BaseModel):
     default: SlurmResources = SlurmResources()
 
 
-_PerStage = create_model("_PerStage", __base__=_StageResources,
-                         **{name: (SlurmResources | None, None) for name in STAGE_ORDER})
+_PerStage = create_model(
+    "_PerStage", __base__=_StageResources, **{name: (SlurmResources | None, None) for name in STAGE_ORDER}
+)
 
 
 class SlurmSection(_PerStage):
@@ -67,8 +69,10 @@ class SlurmSection(_PerStage):
     def _arrays_for_data_stages(self) -> "SlurmSection":
         for stage in TRAINING_STAGES:
             if self.resources(stage).array is not None:
-                raise ValueError(f"{stage}: `array` is for the data stages ({', '.join(DATA_STAGES)}); "
-                                 "training runs one torchrun per node")
+                raise ValueError(
+                    f"{stage}: `array` is for the data stages ({', '.join(DATA_STAGES)}); "
+                    "training runs one torchrun per node"
+                )
         return self
 
     def resources(self, stage: str) -> SlurmResources:

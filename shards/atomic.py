@@ -3,6 +3,7 @@
 A reader never sees a half-written file; a crash leaves at most a `.<name>.<random>.tmp` file, which
 `remove_orphans` deletes on the next start.
 """
+
 from __future__ import annotations
 
 import json

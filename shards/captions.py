@@ -13,6 +13,7 @@ One row per image of the image shard `images/<shard>.tar`, in the tar's key orde
 A caption set is named by the folder under `captions/`; `ALT_TEXT` ("alt") is the reserved name
 of the text downloaded with each image (`<key>.txt` in the tar), which has no caption shards.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,9 +25,17 @@ import pyarrow.parquet as pq
 from shards.tables import write_parquet_atomic
 
 ALT_TEXT = "alt"
-SCHEMA = pa.schema([("key", pa.string()), ("captions", pa.list_(pa.string())),
-                    ("scores", pa.list_(pa.float32())), ("backend", pa.string()), ("model", pa.string()),
-                    ("prompts", pa.list_(pa.string())), ("seed", pa.int64())])
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("captions", pa.list_(pa.string())),
+        ("scores", pa.list_(pa.float32())),
+        ("backend", pa.string()),
+        ("model", pa.string()),
+        ("prompts", pa.list_(pa.string())),
+        ("seed", pa.int64()),
+    ]
+)
 
 
 class CaptionShardError(ValueError):
@@ -52,7 +61,11 @@ def read_caption_shard(path: Path, keys: list[str] | None = None) -> dict[str, C
     except (OSError, pa.ArrowException) as err:
         raise CaptionShardError(f"{path}: unreadable caption shard ({str(err).splitlines()[0]})") from None
     if keys is not None and table["key"] != list(keys):
-        raise CaptionShardError(f"{path}: its keys do not match the image shard's "
-                                f"({len(table['key'])} vs {len(keys)} keys); rerun the caption stage")
-    return {key: CaptionRow(tuple(captions), tuple(scores) if scores is not None else None)
-            for key, captions, scores in zip(table["key"], table["captions"], table["scores"])}
+        raise CaptionShardError(
+            f"{path}: its keys do not match the image shard's "
+            f"({len(table['key'])} vs {len(keys)} keys); rerun the caption stage"
+        )
+    return {
+        key: CaptionRow(tuple(captions), tuple(scores) if scores is not None else None)
+        for key, captions, scores in zip(table["key"], table["captions"], table["scores"])
+    }

@@ -7,6 +7,7 @@ The lookup lives in this process and, once `use_cache_dir(folder)` was called (t
 `$MCIP_CACHE_DIR`, default `~/.cache/mcip-pipeline`), in `<folder>/sha256/<hash of path>.json`: one
 small file per input, written by rename, so concurrent ranks never corrupt it (the last one wins).
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -3,6 +3,7 @@
 A unit is done when its marker exists and its fingerprint matches the current one. The marker
 also keeps the settings that made the fingerprint, so a mismatch can say what changed.
 """
+
 from __future__ import annotations
 
 import json

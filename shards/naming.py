@@ -2,6 +2,7 @@
 
 Output paths are a pure function of (folder, unit): `images/000042.tar`, `images/_done/000042.json`.
 """
+
 from __future__ import annotations
 
 import re

@@ -1,8 +1,9 @@
 """Reading samples of finished shards through webdataset.
 
-    for sample in iter_samples(["runs/demo/images/000000.tar"]):
-        sample["__key__"], sample["jpg"], sample.get("cls")
+for sample in iter_samples(["runs/demo/images/000000.tar"]):
+    sample["__key__"], sample["jpg"], sample.get("cls")
 """
+
 from __future__ import annotations
 
 from pathlib import Path

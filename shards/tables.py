@@ -2,6 +2,7 @@
 
 Every error names the file; sidecars are written atomically beside their shard.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

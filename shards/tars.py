@@ -3,6 +3,7 @@
 `read_tar_samples` reads a whole tar and raises `TruncatedTarError` on a cut-off file, so a tar
 that a killed downloader left half-written is never accepted.
 """
+
 from __future__ import annotations
 
 import io
@@ -56,7 +57,10 @@ def write_tar_atomic(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]
     tmp = tmp_path_for(path)
     count = 0
     try:
-        with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        with (
+            open(tmp, "wb") as raw,
+            tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as archive,
+        ):
             for key, fields in samples:
                 for ext in sorted(fields):
                     _add_member(archive, f"{key}.{ext}", fields[ext])

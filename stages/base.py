@@ -3,6 +3,7 @@ unit bookkeeping (which units are done, which are this rank's, mismatch checks, 
 
 Stages import this; `pipeline` builds the `RunContext` from the environment and calls the stages.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -107,8 +108,13 @@ class UnitPlan:
 
     def mark_done(self, unit: str, payload: dict[str, Any]) -> None:
         """Write the unit's marker (last, by rename) with the fingerprint and its settings."""
-        marker = {"unit": unit, "fingerprint": self.fingerprint, "settings": self.settings,
-                  "finished_at": time.time(), **payload}
+        marker = {
+            "unit": unit,
+            "fingerprint": self.fingerprint,
+            "settings": self.settings,
+            "finished_at": time.time(),
+            **payload,
+        }
         markers.write_marker(self.stage_dir, unit, marker)
         self.done[unit] = marker
 
@@ -119,8 +125,14 @@ def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     return ", ".join(changed) or "the stage's output format version"
 
 
-def plan_units(stage: str, stage_dir: Path, units: list[str], settings: dict[str, Any],
-               ctx: RunContext, split_by_rank: bool = True) -> UnitPlan:
+def plan_units(
+    stage: str,
+    stage_dir: Path,
+    units: list[str],
+    settings: dict[str, Any],
+    ctx: RunContext,
+    split_by_rank: bool = True,
+) -> UnitPlan:
     """Read markers, check fingerprints, and pick this rank's pending units.
 
     A done unit made with other settings is an error naming what changed; with `ctx.force` its
@@ -135,7 +147,8 @@ def plan_units(stage: str, stage_dir: Path, units: list[str], settings: dict[str
         raise StageConfigError(
             f"stage {stage}: {len(stale)} done unit(s) in {stage_dir} were made with other settings "
             f"({describe_change(example.get('settings', {}), settings)}); "
-            "rerun with --force to redo them")
+            "rerun with --force to redo them"
+        )
     share = rank_split(units, ctx.rank, ctx.world_size) if split_by_rank else list(units)
     for unit in stale:
         if unit in share:
@@ -152,8 +165,10 @@ def finish_stage(stage: str, plan: UnitPlan, units_run: int, merge_counts) -> St
     counts = merge_counts([current[u] for u in plan.units if u in current])
     result = StageResult(stage, len(plan.units), len(current), units_run, counts)
     if result.is_complete:
-        markers.write_success(plan.stage_dir, {"stage": stage, "fingerprint": plan.fingerprint,
-                                               "units": len(plan.units), "counts": counts})
+        markers.write_success(
+            plan.stage_dir,
+            {"stage": stage, "fingerprint": plan.fingerprint, "units": len(plan.units), "counts": counts},
+        )
     else:
         markers.clear_success(plan.stage_dir)
     return result

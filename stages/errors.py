@@ -8,6 +8,7 @@
 Anything else is a bug and keeps its traceback. Errors of the lower layers (`shards.tables.TableError`,
 `captioning.base.CaptionerError`) are turned into these where a stage meets them.
 """
+
 from __future__ import annotations
 
 

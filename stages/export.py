@@ -8,6 +8,7 @@ Run    `python -m pipeline export MANIFEST --captions SET --to DIR`; open_clip t
        `--dataset-type webdataset --train-data 'DIR/{000000..00000N}.tar'`.
 Images without any caption are left out (a text-image trainer needs a text); the count is logged.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,14 @@ def export_captions(root: Path, caption_set: str, target: Path) -> dict[str, int
         skipped += missing
     write_json_atomic(Path(target) / "sizes.json", sizes)
     totals = {"shards": len(units), "samples": sum(sizes.values()), "images_without_captions": skipped}
-    log.info("export[%s]: %d samples in %d shards to %s (%d images without captions left out)",
-             caption_set, totals["samples"], totals["shards"], target, skipped)
+    log.info(
+        "export[%s]: %d samples in %d shards to %s (%d images without captions left out)",
+        caption_set,
+        totals["samples"],
+        totals["shards"],
+        target,
+        skipped,
+    )
     return totals
 
 
@@ -56,8 +63,11 @@ def _joined_samples(tar: Path, parquet: Path) -> tuple[list[tuple[str, dict[str,
             missing += 1
             continue
         alt = sample.get("txt", b"").decode("utf-8", "replace")
-        about = {"captions": list(row.captions), "scores": list(row.scores) if row.scores is not None else None,
-                 "alt_text": alt}
+        about = {
+            "captions": list(row.captions),
+            "scores": list(row.scores) if row.scores is not None else None,
+            "alt_text": alt,
+        }
         fields = {"jpg": sample["jpg"], "txt": row.captions[0].encode(), "json": json.dumps(about).encode()}
         if "cls" in sample:
             fields["cls"] = sample["cls"]

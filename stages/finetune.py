@@ -10,6 +10,7 @@ Run    `python -m stages.finetune MANIFEST`; several processes with DeepSpeed:
                 text tower's embeddings of each image's captions (shared/METHOD.md);
 `loss: gpr`   = ArcMargin only (2SFT stage 1). Trained: image tower (with projection) and proxies.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,8 @@ class FinetuneConfig(StageConfig):
     """`stages.finetune` in the manifest; defaults are the authors' (shared/METHOD.md)."""
 
     NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
-        {"num_workers", "deepspeed", "device", "checkpoint_every"})
+        {"num_workers", "deepspeed", "device", "checkpoint_every"}
+    )
 
     name: str = Field("mcip", pattern=NAME_PATTERN)
     model: str
@@ -77,8 +79,13 @@ def settings_of(cfg: FinetuneConfig, root: Path, seed: int) -> dict[str, Any]:
     inputs = {"images": layout.downloaded().fingerprint}
     if cfg.loss == "mcip":
         inputs["captions"] = layout.captioned(cfg.captions).fingerprint
-    return {**cfg.fingerprint_settings(), "seed": seed, "inputs": inputs,
-            "pretrained_identity": checkpoint_identity(cfg.pretrained), "format_version": FORMAT_VERSION}
+    return {
+        **cfg.fingerprint_settings(),
+        "seed": seed,
+        "inputs": inputs,
+        "pretrained_identity": checkpoint_identity(cfg.pretrained),
+        "format_version": FORMAT_VERSION,
+    }
 
 
 def describe(cfg: FinetuneConfig, root: Path, seed: int = 0):
@@ -99,8 +106,13 @@ def run(cfg: FinetuneConfig, ctx: RunContext) -> StageResult:
     from stages.training import finetuning
     from stages.training.setup import run_training_stage
 
-    return run_training_stage(NAME, RunLayout(ctx.root).finetune(cfg.name), settings_of(cfg, ctx.root, ctx.seed), ctx,
-                              lambda plan: finetuning.train(cfg, ctx, plan))
+    return run_training_stage(
+        NAME,
+        RunLayout(ctx.root).finetune(cfg.name),
+        settings_of(cfg, ctx.root, ctx.seed),
+        ctx,
+        lambda plan: finetuning.train(cfg, ctx, plan),
+    )
 
 
 if __name__ == "__main__":  # `python -m stages.finetune MANIFEST [--force]`

@@ -13,6 +13,7 @@ Stages ask a `RunLayout` for their paths instead of joining strings, so the layo
 changed) here. A stage is complete when its folder holds `_SUCCESS.json` (written once every unit has
 its marker): `require_complete` is how a later stage asks, and it raises `InputNotReady` otherwise.
 """
+
 from __future__ import annotations
 
 import json
@@ -116,8 +117,10 @@ class RunLayout:
         success = Path(folder) / SUCCESS_FILE
         units = list_shards(Path(folder) / DONE_DIR, ".json")
         if not success.exists():
-            raise InputNotReady(f"{what} is not complete in {folder} ({len(units)} units done, "
-                                f"no {SUCCESS_FILE}); run it first")
+            raise InputNotReady(
+                f"{what} is not complete in {folder} ({len(units)} units done, "
+                f"no {SUCCESS_FILE}); run it first"
+            )
         try:
             fingerprint = json.loads(success.read_text())["fingerprint"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:

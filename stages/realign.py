@@ -11,6 +11,7 @@ Trained: the last `unlocked_layers` text blocks, the final LayerNorm, the text p
 logit scale (clamped to [0, ln 100]), with symmetric InfoNCE against the frozen image embeddings;
 negatives are gathered across ranks (shared/METHOD.md).
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,10 +35,13 @@ class RealignConfig(StageConfig):
     """`stages.realign` in the manifest; defaults are the authors' (shared/METHOD.md)."""
 
     NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
-        {"num_workers", "deepspeed", "device", "checkpoint_every", "embed_batch_size"})
+        {"num_workers", "deepspeed", "device", "checkpoint_every", "embed_batch_size"}
+    )
 
     name: str = Field("mcip", pattern=NAME_PATTERN)
-    source: str | None = Field(None, pattern=NAME_PATTERN)  # the finetune run to realign; default: the same name
+    source: str | None = Field(
+        None, pattern=NAME_PATTERN
+    )  # the finetune run to realign; default: the same name
     model: str | None = None  # architecture; default: the one in finetune/<source>/final/model.json
     config_dir: ManifestPath | None = None
     captions: str = Field(ALT_TEXT, pattern=CAPTION_SET_NAME)  # texts: the alt text, or a caption set's best
@@ -73,11 +77,19 @@ def settings_of(cfg: RealignConfig, root: Path, seed: int) -> dict[str, Any]:
     from stages.training.setup import checkpoint_identity
 
     layout = RunLayout(root)
-    inputs = {"finetune": layout.finetuned(cfg.source_name).fingerprint, "images": layout.downloaded().fingerprint}
+    inputs = {
+        "finetune": layout.finetuned(cfg.source_name).fingerprint,
+        "images": layout.downloaded().fingerprint,
+    }
     if cfg.captions != ALT_TEXT:
         inputs["captions"] = layout.captioned(cfg.captions).fingerprint
-    return {**cfg.fingerprint_settings(), "seed": seed, "inputs": inputs,
-            "source_identity": checkpoint_identity(str(source_model(root, cfg))), "format_version": FORMAT_VERSION}
+    return {
+        **cfg.fingerprint_settings(),
+        "seed": seed,
+        "inputs": inputs,
+        "source_identity": checkpoint_identity(str(source_model(root, cfg))),
+        "format_version": FORMAT_VERSION,
+    }
 
 
 def describe(cfg: RealignConfig, root: Path, seed: int = 0):
@@ -96,8 +108,13 @@ def run(cfg: RealignConfig, ctx: RunContext) -> StageResult:
     from stages.training import realigning
     from stages.training.setup import run_training_stage
 
-    return run_training_stage(NAME, RunLayout(ctx.root).realign(cfg.name), settings_of(cfg, ctx.root, ctx.seed), ctx,
-                              lambda plan: realigning.train(cfg, ctx, plan))
+    return run_training_stage(
+        NAME,
+        RunLayout(ctx.root).realign(cfg.name),
+        settings_of(cfg, ctx.root, ctx.seed),
+        ctx,
+        lambda plan: realigning.train(cfg, ctx, plan),
+    )
 
 
 if __name__ == "__main__":  # `python -m stages.realign MANIFEST [--force]`

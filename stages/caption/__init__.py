@@ -13,6 +13,7 @@ DataLoader workers (work.py, images.py); a corrupt image is counted and gets an 
 With `decoding: sample` captions are reproducible for the same seed, batch size and worker count;
 beam search, prompts and retrieval do not depend on those.
 """
+
 from __future__ import annotations
 
 import logging
@@ -79,10 +80,12 @@ class ScoringSection(_Section):
 
 
 # The optional keys each backend uses; any other one set in the manifest is an error.
-USES = {"blip": {"model", "captions_per_image", "generation", "dtype"},
-        "llava": {"model", "captions_per_image", "generation", "dtype"},
-        "retrieval": {"model", "captions_per_image", "retrieval", "dtype"},
-        "alt_text": set()}
+USES = {
+    "blip": {"model", "captions_per_image", "generation", "dtype"},
+    "llava": {"model", "captions_per_image", "generation", "dtype"},
+    "retrieval": {"model", "captions_per_image", "retrieval", "dtype"},
+    "alt_text": set(),
+}
 COMMON = {"backend", "captions", "seed", "filter", "scoring", "device", "batch_size", "num_workers"}
 
 
@@ -116,11 +119,15 @@ class CaptionConfig(StageConfig):
         if self.backend != "alt_text" and not self.model:
             raise ValueError(f"backend {self.backend!r} needs `model`")
         if self.backend == "retrieval" and self.retrieval is None:
-            raise ValueError("backend 'retrieval' needs a `retrieval` section with `bank` (txt, parquet or jsonl)")
+            raise ValueError(
+                "backend 'retrieval' needs a `retrieval` section with `bank` (txt, parquet or jsonl)"
+            )
         if self.caption_set == ALT_TEXT:
             raise ValueError(f"captions: {ALT_TEXT!r} is reserved for the downloaded alt text")
         if self.scoring.min_score is not None and not self.has_scores:
-            raise ValueError("scoring.min_score needs CLIP scores: set scoring.model (or use the retrieval backend)")
+            raise ValueError(
+                "scoring.min_score needs CLIP scores: set scoring.model (or use the retrieval backend)"
+            )
         if self.scoring.model is None and (self.scoring.pretrained or self.scoring.config_dir):
             raise ValueError("scoring.pretrained and scoring.config_dir need scoring.model")
         return self
@@ -140,17 +147,22 @@ class CaptionConfig(StageConfig):
     def fingerprint_settings(self) -> dict[str, Any]:
         settings = super().fingerprint_settings()
         if self.retrieval is not None:
-            settings["retrieval"] = self.retrieval.model_dump(mode="json",
-                                                              exclude=set(RetrievalSection.NOT_IN_FINGERPRINT))
+            settings["retrieval"] = self.retrieval.model_dump(
+                mode="json", exclude=set(RetrievalSection.NOT_IN_FINGERPRINT)
+            )
         return settings
 
 
 def settings_of(cfg: CaptionConfig, input_fingerprint: str, seed: int) -> dict[str, Any]:
     from stages.caption.work import model_identity
 
-    return {**cfg.fingerprint_settings(), "seed": cfg.seed if cfg.seed is not None else seed,
-            "input_fingerprint": input_fingerprint, "model_identity": model_identity(cfg),
-            "format_version": FORMAT_VERSION}
+    return {
+        **cfg.fingerprint_settings(),
+        "seed": cfg.seed if cfg.seed is not None else seed,
+        "input_fingerprint": input_fingerprint,
+        "model_identity": model_identity(cfg),
+        "format_version": FORMAT_VERSION,
+    }
 
 
 def describe(cfg: CaptionConfig, root: Path, seed: int = 0) -> tuple[Path, list[str], dict[str, Any]]:
@@ -185,8 +197,16 @@ def run(cfg: CaptionConfig, ctx: RunContext) -> StageResult:
         work.caption_units(cfg, ctx, plan, layout)
     result = finish_stage(NAME, plan, len(plan.mine), merge_counts)
     counts = result.counts
-    log.info("caption[%s]: %d/%d shards done (%d run now); %d images, %d captions, %d without captions, "
-             "%d corrupt", cfg.caption_set, result.units_done, result.units_total, result.units_run,
-             counts.get("images", 0), counts.get("captions", 0), counts.get("images_without_captions", 0),
-             counts.get("corrupt_images", 0))
+    log.info(
+        "caption[%s]: %d/%d shards done (%d run now); %d images, %d captions, %d without captions, "
+        "%d corrupt",
+        cfg.caption_set,
+        result.units_done,
+        result.units_total,
+        result.units_run,
+        counts.get("images", 0),
+        counts.get("captions", 0),
+        counts.get("images_without_captions", 0),
+        counts.get("corrupt_images", 0),
+    )
     return result

@@ -1,4 +1,6 @@
-"""`python -m stages.caption MANIFEST [--force]`: the same as `python -m pipeline run MANIFEST --stage caption`."""
+"""`python -m stages.caption MANIFEST [--force]`:
+the same as `python -m pipeline run MANIFEST --stage caption`."""
+
 import sys
 
 from pipeline.cli import main as pipeline_main

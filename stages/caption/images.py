@@ -4,6 +4,7 @@ Each worker takes whole shards (`shards[worker::workers]`) and yields, per image
 backend's tensor(s) and the alt text, then one end-of-shard item; a corrupt image is yielded with
 `ok=False` instead of tensors, so it is counted and gets an empty caption list.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,7 +36,7 @@ class ShardImages(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
-        mine = self.shards[worker.id::worker.num_workers] if worker else self.shards
+        mine = self.shards[worker.id :: worker.num_workers] if worker else self.shards
         for unit, path in mine:
             count = 0
             for sample in iter_samples([path]):
@@ -58,15 +59,29 @@ def collate(items: list[dict]) -> dict:
     """In the worker: stack the tensors of the decodable images, one tensor per transform, so a
     batch crosses to the main process as a few tensors instead of one per image."""
     ok = [item for item in items if item.get("ok")]
-    tensors = [torch.stack([item["tensors"][i] for item in ok]) for i in range(len(ok[0]["tensors"]))] if ok else []
-    return {"items": [{k: v for k, v in item.items() if k != "tensors"} for item in items], "tensors": tensors}
+    tensors = (
+        [torch.stack([item["tensors"][i] for item in ok]) for i in range(len(ok[0]["tensors"]))] if ok else []
+    )
+    return {
+        "items": [{k: v for k, v in item.items() if k != "tensors"} for item in items],
+        "tensors": tensors,
+    }
 
 
-def image_batches(shards: list[tuple[str, Path]], transforms: list[Callable], decode_size: int,
-                  batch_size: int, workers: int) -> DataLoader:
+def image_batches(
+    shards: list[tuple[str, Path]],
+    transforms: list[Callable],
+    decode_size: int,
+    batch_size: int,
+    workers: int,
+) -> DataLoader:
     """Batches `{"items": [...], "tensors": [...]}` in shard order per worker (see `collate`)."""
     workers = min(workers, len(shards))
-    return DataLoader(ShardImages(shards, transforms, decode_size), batch_size=batch_size, num_workers=workers,
-                      collate_fn=collate, prefetch_factor=4 if workers else None,
-                      persistent_workers=False)
-
+    return DataLoader(
+        ShardImages(shards, transforms, decode_size),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )

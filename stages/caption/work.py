@@ -1,6 +1,7 @@
 """The caption stage's work loop: build the backend (and the optional CLIP scorer), stream image
 batches from DataLoader workers, clean/score/filter captions, write each shard when its last image
 is done (parquet under a temporary name, rename, then the marker). See stages/caption/__init__.py."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,11 @@ def model_identity(cfg) -> dict[str, Any]:
     """What names the weights and the bank: names as written, plus content hashes of local files."""
     pretrained = cfg.retrieval.pretrained if cfg.retrieval else None
     identity = {"model": cfg.model, "pretrained": pretrained}
-    files = {"pretrained": pretrained, "score_with": cfg.scoring.pretrained,
-             "bank": cfg.retrieval and str(cfg.retrieval.bank)}
+    files = {
+        "pretrained": pretrained,
+        "score_with": cfg.scoring.pretrained,
+        "bank": cfg.retrieval and str(cfg.retrieval.bank),
+    }
     for name, value in files.items():
         if value and Path(value).is_file():
             identity[f"{name}_sha256"] = file_sha256(Path(value))
@@ -38,6 +42,7 @@ def model_identity(cfg) -> dict[str, Any]:
 
 def _clip(spec_model: str, pretrained: str | None, config_dir, cfg):
     from captioning.clip_models import load_clip
+
     return load_clip(spec_model, pretrained, config_dir, cfg.device, cfg.dtype)
 
 
@@ -49,15 +54,21 @@ def build_captioner(cfg, ctx: RunContext, identity: dict[str, Any]):
         if cfg.backend == "alt_text":
             return get_captioner("alt_text")
         if cfg.backend != "retrieval":
-            return get_captioner(cfg.backend, model=cfg.model, k=cfg.k, generation=cfg.generation, runtime=runtime)
+            return get_captioner(
+                cfg.backend, model=cfg.model, k=cfg.k, generation=cfg.generation, runtime=runtime
+            )
         from stages.caption.bank import bank_embeddings, bank_fingerprint, read_bank
+
         section = cfg.retrieval
         texts = read_bank(section.bank, section.bank_col)
         clip = _clip(cfg.model, section.pretrained, section.config_dir, cfg)
         cache = RunLayout(ctx.root).caption_bank(bank_fingerprint(identity))
-        vectors = bank_embeddings(texts, clip, cache, section.bank_batch_size, ctx.rank, ctx.world_size, ctx.is_main)
-        return get_captioner("retrieval", clip=clip, bank_texts=texts, bank_embeddings=vectors, k=cfg.k,
-                             options=section)
+        vectors = bank_embeddings(
+            texts, clip, cache, section.bank_batch_size, ctx.rank, ctx.world_size, ctx.is_main
+        )
+        return get_captioner(
+            "retrieval", clip=clip, bank_texts=texts, bank_embeddings=vectors, k=cfg.k, options=section
+        )
     except CaptionerError as err:
         raise StageConfigError(f"caption: {err}") from err
 
@@ -74,16 +85,23 @@ def _scorer(cfg):
 class _ShardWriter:
     """Collects rows per shard and writes a shard once its end-of-shard item has arrived."""
 
-    def __init__(self, cfg, plan: UnitPlan, out: Path, model_name: str, prompts: list[str], seed: int, progress):
+    def __init__(
+        self, cfg, plan: UnitPlan, out: Path, model_name: str, prompts: list[str], seed: int, progress
+    ):
         self.cfg, self.plan, self.out, self.progress = cfg, plan, out, progress
         self.constant = {"backend": cfg.backend, "model": model_name, "prompts": prompts, "seed": seed}
         self.rows: dict[str, list[dict]] = {}
         self.counts: dict[str, dict[str, int]] = {}
 
-    def add(self, unit: str, key: str, captions: list[str], scores: list[float] | None, corrupt: bool) -> None:
-        self.rows.setdefault(unit, []).append({"key": key, "captions": captions, "scores": scores, **self.constant})
-        counts = self.counts.setdefault(unit, {"images": 0, "captions": 0, "images_without_captions": 0,
-                                               "corrupt_images": 0})
+    def add(
+        self, unit: str, key: str, captions: list[str], scores: list[float] | None, corrupt: bool
+    ) -> None:
+        self.rows.setdefault(unit, []).append(
+            {"key": key, "captions": captions, "scores": scores, **self.constant}
+        )
+        counts = self.counts.setdefault(
+            unit, {"images": 0, "captions": 0, "images_without_captions": 0, "corrupt_images": 0}
+        )
         counts["images"] += 1
         counts["captions"] += len(captions)
         counts["images_without_captions"] += not captions
@@ -91,7 +109,9 @@ class _ShardWriter:
 
     def finish(self, unit: str, expected: int) -> None:
         rows = self.rows.pop(unit, [])
-        counts = self.counts.pop(unit, {"images": 0, "captions": 0, "images_without_captions": 0, "corrupt_images": 0})
+        counts = self.counts.pop(
+            unit, {"images": 0, "captions": 0, "images_without_captions": 0, "corrupt_images": 0}
+        )
         if len(rows) != expected:
             raise RuntimeError(f"caption shard {unit}: {len(rows)} rows for {expected} images")
         path = self.out / f"{unit}.parquet"
@@ -109,9 +129,16 @@ def caption_units(cfg, ctx: RunContext, plan: UnitPlan, layout: RunLayout) -> No
     seed = plan.settings["seed"]
     transforms = [captioner.image_transform()] + ([scorer.preprocess] if scorer else [])
     decode_size = max([captioner.input_size] + ([scorer.image_size] if scorer else []))
-    loader = image_batches([(u, layout.image_tar(u)) for u in plan.mine], transforms, decode_size,
-                           cfg.batch_size, cfg.num_workers)
-    progress = tqdm(total=len(plan.mine), desc=f"caption[{cfg.caption_set}]", unit="shard", disable=not ctx.is_main)
+    loader = image_batches(
+        [(u, layout.image_tar(u)) for u in plan.mine],
+        transforms,
+        decode_size,
+        cfg.batch_size,
+        cfg.num_workers,
+    )
+    progress = tqdm(
+        total=len(plan.mine), desc=f"caption[{cfg.caption_set}]", unit="shard", disable=not ctx.is_main
+    )
     writer = _ShardWriter(cfg, plan, out, captioner.model_name, list(captioner.prompts), seed, progress)
     for batch in loader:
         images_in_batch = [item for item in batch["items"] if not item.get("end")]
@@ -124,8 +151,9 @@ def caption_units(cfg, ctx: RunContext, plan: UnitPlan, layout: RunLayout) -> No
     progress.close()
 
 
-def _caption_batch(cfg, captioner, scorer, items: list[dict], tensors: list[torch.Tensor],
-                   seed: int) -> list[tuple[list[str], list[float] | None]]:
+def _caption_batch(
+    cfg, captioner, scorer, items: list[dict], tensors: list[torch.Tensor], seed: int
+) -> list[tuple[list[str], list[float] | None]]:
     """(captions, scores) per item; corrupt items get ([], [] or None). `tensors` hold the
     decodable items' pixels: [0] for the captioner, [1] for the scorer."""
     ok = [item for item in items if item["ok"]]
@@ -135,7 +163,9 @@ def _caption_batch(cfg, captioner, scorer, items: list[dict], tensors: list[torc
         raw = captioner.caption(tensors[0], [item["alt"] for item in ok])
         scores = _scores(scorer, tensors[1] if scorer else None, raw)
         for i, item in enumerate(ok):
-            results[item["key"]] = _filtered(cfg, raw.captions[i], scores[i] if scores is not None else None, raw)
+            results[item["key"]] = _filtered(
+                cfg, raw.captions[i], scores[i] if scores is not None else None, raw
+            )
     return [results.get(item["key"], ([], [] if cfg.has_scores else None)) for item in items]
 
 
@@ -148,10 +178,12 @@ def _scores(scorer, pixels: torch.Tensor | None, raw: CaptionBatchResult) -> lis
         return raw.scores
     image_embeddings = scorer.encode_images(pixels)
     flat = [text for captions in raw.captions for text in captions]
-    text_embeddings = torch.from_numpy(scorer.encode_texts(flat)) if flat else torch.zeros(0, image_embeddings.shape[1])
+    text_embeddings = (
+        torch.from_numpy(scorer.encode_texts(flat)) if flat else torch.zeros(0, image_embeddings.shape[1])
+    )
     scores, start = [], 0
     for i, captions in enumerate(raw.captions):
-        block = text_embeddings[start:start + len(captions)]
+        block = text_embeddings[start : start + len(captions)]
         scores.append((block @ image_embeddings[i]).tolist())
         start += len(captions)
     return scores

@@ -12,6 +12,7 @@ sample's key is its row number (`000000042`), so keys never depend on which run 
 img2dataset writes into a private staging folder; a shard reaches `images/` only once its tar
 reads back complete and matches img2dataset's own count (see stages/download/img2dataset_run.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,7 +57,8 @@ class DownloadConfig(StageConfig):
     """`stages.download` in the manifest."""
 
     NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
-        {"url_list", "processes", "threads", "timeout_s", "retries"})
+        {"url_list", "processes", "threads", "timeout_s", "retries"}
+    )
 
     url_list: ManifestPath
     input_format: Literal["parquet", "csv", "tsv", "jsonl"] | None = None
@@ -127,8 +129,10 @@ def _class_indexes(column: pa.ChunkedArray, cfg: DownloadConfig) -> tuple[pa.Arr
     values = column.to_pylist()
     missing = [i for i, v in enumerate(values) if v is None or v == ""]
     if missing:
-        raise StageConfigError(f"{cfg.url_list}: column {cfg.label_col!r} is empty in row {missing[0]} "
-                               f"({len(missing)} rows without a label)")
+        raise StageConfigError(
+            f"{cfg.url_list}: column {cfg.label_col!r} is empty in row {missing[0]} "
+            f"({len(missing)} rows without a label)"
+        )
     kinds = {type(v) for v in values}
     labels = sorted(set(values)) if len(kinds) == 1 else sorted(set(values), key=str)
     index = {label: i for i, label in enumerate(labels)}
@@ -165,7 +169,9 @@ def check_inputs(cfg: DownloadConfig) -> None:
     """Raise StageConfigError if the URL table does not open or lacks a column; reads only its
     header (the full read, with label checks, happens once when the stage runs)."""
     try:
-        check_columns(cfg.url_list, cfg.table_format, [c for c in (cfg.url_col, cfg.caption_col, cfg.label_col) if c])
+        check_columns(
+            cfg.url_list, cfg.table_format, [c for c in (cfg.url_col, cfg.caption_col, cfg.label_col) if c]
+        )
     except TableError as err:
         raise StageConfigError(str(err)) from err
 
@@ -209,8 +215,9 @@ def _staging_root(out: Path) -> Path:
     return out / "_staging"
 
 
-def _plan_retry_round(cfg: DownloadConfig, ctx: RunContext, units: list[str], table_rows: int,
-                      has_pending: bool) -> bool:
+def _plan_retry_round(
+    cfg: DownloadConfig, ctx: RunContext, units: list[str], table_rows: int, has_pending: bool
+) -> bool:
     """Write retry-shard plans for rows that failed everywhere; True if new shards were planned."""
     if has_pending:
         log.info("retry-failed: finishing the pending shards first (they include earlier retries)")
@@ -225,8 +232,9 @@ def _plan_retry_round(cfg: DownloadConfig, ctx: RunContext, units: list[str], ta
     first = max(int(u) for u in units) + 1 if units else 0
     size = cfg.samples_per_shard
     for n, start in enumerate(range(0, len(failed), size)):
-        write_json_atomic(out / RETRY_DIR / f"{shard_name(first + n)}.json",
-                          {"rows": failed[start:start + size]})
+        write_json_atomic(
+            out / RETRY_DIR / f"{shard_name(first + n)}.json", {"rows": failed[start : start + size]}
+        )
     log.info("retry-failed: %d failed rows into %d new shard(s)", len(failed), math.ceil(len(failed) / size))
     return True
 
@@ -254,8 +262,16 @@ def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _write_index(out: Path, units: list[str], done: dict[str, dict[str, Any]]) -> None:
-    entries = [{"url": f"{u}.tar", "nsamples": done[u]["counts"]["ok"], "filesize": done[u]["tar_bytes"],
-                "sha256": done[u]["tar_sha256"]} for u in units if u in done]
+    entries = [
+        {
+            "url": f"{u}.tar",
+            "nsamples": done[u]["counts"]["ok"],
+            "filesize": done[u]["tar_bytes"],
+            "sha256": done[u]["tar_sha256"],
+        }
+        for u in units
+        if u in done
+    ]
     write_shard_index(out / "_index.json", entries)
 
 
@@ -264,7 +280,13 @@ def _log_summary(result: StageResult, stats: dict[str, Any] | None) -> None:
     reasons = Counter(counts.get("failed_by_reason", {}))
     why = ", ".join(f"{r}: {n}" for r, n in reasons.most_common(5))
     rate = f", {stats['images_per_s']:.1f} images/s this run" if stats else ""
-    log.info("download: %d/%d shards done (%d run now); %d ok, %d failed%s%s",
-             result.units_done, result.units_total, result.units_run, counts.get("ok", 0),
-             counts.get("failed", 0), f" [{why}]" if why else "", rate)
-
+    log.info(
+        "download: %d/%d shards done (%d run now); %d ok, %d failed%s%s",
+        result.units_done,
+        result.units_total,
+        result.units_run,
+        counts.get("ok", 0),
+        counts.get("failed", 0),
+        f" [{why}]" if why else "",
+        rate,
+    )

@@ -1,4 +1,6 @@
-"""`python -m stages.download MANIFEST [--force]`: the same as `python -m pipeline run MANIFEST --stage download`."""
+"""`python -m stages.download MANIFEST [--force]`:
+the same as `python -m pipeline run MANIFEST --stage download`."""
+
 import sys
 
 from pipeline.cli import main as pipeline_main

@@ -6,6 +6,7 @@ img2dataset writes its `_stats.json` (after closing the tar), reads the tar back
 sample count against the stats, rewrites it with stable keys (`.cls` added, samples sorted by key)
 under a temporary name, renames it to `images/<shard>.tar` and only then writes the marker.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ class ShardCheckError(ShardError):
     """img2dataset's output for a shard failed our checks; the shard stays pending."""
 
 
-def download_units(cfg, table: pa.Table, jobs: list[tuple[str, list[int]]], plan: UnitPlan,
-                   out: Path, ctx: RunContext) -> dict[str, Any]:
+def download_units(
+    cfg, table: pa.Table, jobs: list[tuple[str, list[int]]], plan: UnitPlan, out: Path, ctx: RunContext
+) -> dict[str, Any]:
     """Download `jobs` ((unit, rows) pairs) and mark each finished unit done; return run stats."""
     from stages.download import row_key
 
@@ -57,7 +59,9 @@ def download_units(cfg, table: pa.Table, jobs: list[tuple[str, list[int]]], plan
     progress.close()
     shutil.rmtree(staging, ignore_errors=True)
     if failures:
-        raise ShardCheckError(f"{len(failures)} shard(s) failed checks and stay pending: " + "; ".join(failures))
+        raise ShardCheckError(
+            f"{len(failures)} shard(s) failed checks and stay pending: " + "; ".join(failures)
+        )
     elapsed = time.monotonic() - started
     return {"images_ok": images_ok, "seconds": elapsed, "images_per_s": images_ok / max(elapsed, 1e-9)}
 
@@ -90,15 +94,30 @@ def _call_img2dataset(cfg, input_path: Path, output: Path, has_caption: bool) ->
     import img2dataset
 
     img2dataset.download(
-        url_list=str(input_path), input_format="parquet", url_col="url",
-        caption_col="caption" if has_caption else None, save_additional_columns=[ROW_COLUMN],
-        output_folder=str(output), output_format="webdataset", oom_shard_count=6,
-        image_size=cfg.image_size, resize_mode=cfg.resize_mode, encode_quality=cfg.encode_quality,
-        encode_format="jpg", number_sample_per_shard=cfg.samples_per_shard,
-        processes_count=cfg.processes, thread_count=cfg.threads, timeout=cfg.timeout_s,
-        retries=cfg.retries, extract_exif=False, compute_hash="sha256", enable_wandb=False,
-        max_image_area=cfg.max_image_area or float("inf"), incremental_mode="incremental",
-        distributor="multiprocessing")
+        url_list=str(input_path),
+        input_format="parquet",
+        url_col="url",
+        caption_col="caption" if has_caption else None,
+        save_additional_columns=[ROW_COLUMN],
+        output_folder=str(output),
+        output_format="webdataset",
+        oom_shard_count=6,
+        image_size=cfg.image_size,
+        resize_mode=cfg.resize_mode,
+        encode_quality=cfg.encode_quality,
+        encode_format="jpg",
+        number_sample_per_shard=cfg.samples_per_shard,
+        processes_count=cfg.processes,
+        thread_count=cfg.threads,
+        timeout=cfg.timeout_s,
+        retries=cfg.retries,
+        extract_exif=False,
+        compute_hash="sha256",
+        enable_wandb=False,
+        max_image_area=cfg.max_image_area or float("inf"),
+        incremental_mode="incremental",
+        distributor="multiprocessing",
+    )
 
 
 def _by_reason(status_dict: dict[str, int]) -> dict[str, int]:
@@ -112,8 +131,9 @@ def _by_reason(status_dict: dict[str, int]) -> dict[str, int]:
 class _Finalizer(threading.Thread):
     """Watches a staging folder and moves each shard img2dataset finishes into place."""
 
-    def __init__(self, cfg, table, group, staging_out: Path, out: Path, plan: UnitPlan, row_key, progress,
-                 rank: int):
+    def __init__(
+        self, cfg, table, group, staging_out: Path, out: Path, plan: UnitPlan, row_key, progress, rank: int
+    ):
         super().__init__(daemon=True, name="download-finalizer")
         self.cfg, self.table, self.group, self.staging_out = cfg, table, group, staging_out
         self.out, self.plan, self.row_key, self.progress, self.rank = out, plan, row_key, progress, rank
@@ -160,16 +180,27 @@ class _Finalizer(threading.Thread):
         stats = json.loads((self.staging_out / f"{name}_stats.json").read_text())
         samples = read_tar_samples(self.staging_out / f"{name}.tar")
         if sum(1 for s in samples.values() if "jpg" in s) != stats["successes"]:
-            raise ShardCheckError(f"shard {unit}: tar holds {len(samples)} images, "
-                                  f"img2dataset reported {stats['successes']}")
+            raise ShardCheckError(
+                f"shard {unit}: tar holds {len(samples)} images, img2dataset reported {stats['successes']}"
+            )
         tar_info = write_tar_atomic(self.out / f"{unit}.tar", self._rekeyed(samples.values()))
         self._write_sidecar(name, unit)
         failed = {reason: n for reason, n in stats["status_dict"].items() if reason != "success"}
-        counts = {"rows": stats["count"], "ok": stats["successes"], "failed": stats["count"] - stats["successes"],
-                  "failed_by_reason": _by_reason(failed)}
+        counts = {
+            "rows": stats["count"],
+            "ok": stats["successes"],
+            "failed": stats["count"] - stats["successes"],
+            "failed_by_reason": _by_reason(failed),
+        }
         kind = "retry" if int(unit) * self.cfg.samples_per_shard >= self.table.num_rows else "base"
-        return {"kind": kind, "rank": self.rank, "counts": counts, "tar_bytes": tar_info["tar_bytes"],
-                "tar_sha256": tar_info["tar_sha256"], "seconds": stats["duration"]}
+        return {
+            "kind": kind,
+            "rank": self.rank,
+            "counts": counts,
+            "tar_bytes": tar_info["tar_bytes"],
+            "tar_sha256": tar_info["tar_sha256"],
+            "seconds": stats["duration"],
+        }
 
     def _rekeyed(self, samples):
         has_cls = "cls" in self.table.column_names
@@ -195,9 +226,13 @@ class _Finalizer(threading.Thread):
 
 
 _REASONS = (  # (substring of img2dataset's error message, reason shown in counts)
-    ("Image decoding error", "not a decodable image"), ("loadsave.cpp", "image too large"),
-    ("unknown url type", "bad url"), ("no host given", "bad url"), ("timed out", "timeout"),
-    ("Connection refused", "connection refused"), ("image too small", "image too small"),
+    ("Image decoding error", "not a decodable image"),
+    ("loadsave.cpp", "image too large"),
+    ("unknown url type", "bad url"),
+    ("no host given", "bad url"),
+    ("timed out", "timeout"),
+    ("Connection refused", "connection refused"),
+    ("image too small", "image too small"),
 )
 
 

@@ -12,6 +12,7 @@ k-NN (k 21, exp(cos/0.1) votes) with each class's images alternating between gal
 zero-shot with class names through the 80 OpenAI ImageNet templates; text-to-image Recall@k and mAP
 with each distinct caption querying all images (relevant: the images carrying that caption).
 """
+
 from __future__ import annotations
 
 import logging
@@ -80,7 +81,9 @@ class TextToImageSection(_Section):
     path: ManifestPath | None = None  # karpathy: the json; shards: a run root (default: this run's)
     image_root: ManifestPath | None = None  # karpathy: where filepath/filename live (default: json's folder)
     split: str = "test"
-    captions: str = Field(ALT_TEXT, pattern=CAPTION_SET_NAME)  # shards: `alt` (the .txt alt text) or a caption set
+    captions: str = Field(
+        ALT_TEXT, pattern=CAPTION_SET_NAME
+    )  # shards: `alt` (the .txt alt text) or a caption set
     ks: list[PositiveInt] = [1, 5, 10]
 
 
@@ -124,7 +127,9 @@ class EvaluateConfig(StageConfig):
         if not (self.retrieval or self.knn or self.zero_shot or self.text_to_image):
             raise ValueError("nothing to evaluate: set retrieval, knn, zero_shot or text_to_image")
         if self.grid is not None and self.grid not in self.retrieval:
-            raise ValueError(f"grid {self.grid!r} is not a retrieval dataset ({', '.join(self.retrieval) or 'none'})")
+            raise ValueError(
+                f"grid {self.grid!r} is not a retrieval dataset ({', '.join(self.retrieval) or 'none'})"
+            )
         return self
 
 
@@ -144,15 +149,20 @@ def model_identity(root: Path, entry: ModelEntry) -> str | None:
 
     if entry.stage:
         layout = RunLayout(root)
-        return layout.require_complete(layout.training_output(entry.stage), f"the {entry.stage} stage").fingerprint
+        return layout.require_complete(
+            layout.training_output(entry.stage), f"the {entry.stage} stage"
+        ).fingerprint
     return checkpoint_identity(entry.checkpoint)
 
 
 def settings_of(cfg: EvaluateConfig, root: Path, data) -> dict[str, Any]:
     """`data`: the config's datasets (scoring.Datasets), whose image sets are fingerprinted by content."""
-    return {**cfg.fingerprint_settings(), "format_version": FORMAT_VERSION,
-            "model_identities": {m.name: model_identity(root, m) for m in cfg.models},
-            "datasets": {images.name: images.identity() for images in data.image_sets()}}
+    return {
+        **cfg.fingerprint_settings(),
+        "format_version": FORMAT_VERSION,
+        "model_identities": {m.name: model_identity(root, m) for m in cfg.models},
+        "datasets": {images.name: images.identity() for images in data.image_sets()},
+    }
 
 
 def describe(cfg: EvaluateConfig, root: Path, seed: int = 0):
@@ -164,7 +174,9 @@ def describe(cfg: EvaluateConfig, root: Path, seed: int = 0):
 def check_inputs(cfg: EvaluateConfig) -> None:
     for entry in cfg.models:
         if entry.checkpoint and entry.checkpoint.startswith("/") and not Path(entry.checkpoint).is_file():
-            raise StageConfigError(f"evaluate: checkpoint of model {entry.name!r} not found: {entry.checkpoint}")
+            raise StageConfigError(
+                f"evaluate: checkpoint of model {entry.name!r} not found: {entry.checkpoint}"
+            )
     if cfg.zero_shot is not None and not cfg.zero_shot.class_names.is_file():
         raise StageConfigError(f"evaluate: class names file not found: {cfg.zero_shot.class_names}")
 
@@ -190,4 +202,3 @@ def run(cfg: EvaluateConfig, ctx: RunContext) -> StageResult:
         table = report.write_report(cfg, data, folder, {u: plan.done[u]["metrics"] for u in plan.units})
         log.info("evaluate[%s]:\n%s\nreport: %s", cfg.name, table, folder / "report.md")
     return result
-

@@ -1,4 +1,6 @@
-"""`python -m stages.evaluate MANIFEST [--force]`: the same as `python -m pipeline run MANIFEST --stage evaluate`."""
+"""`python -m stages.evaluate MANIFEST [--force]`:
+the same as `python -m pipeline run MANIFEST --stage evaluate`."""
+
 import sys
 
 from pipeline.cli import main as pipeline_main

@@ -9,6 +9,7 @@ Caption sets (`CaptionSet`: texts and the images that carry each text, identical
   karpathy  the Karpathy-split json of COCO/Flickr30k (`images[].filepath/filename/sentences[].raw`)
   shards    our shards: alt text (`.txt`) or a caption set's captions (`captions/<set>/`)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,7 +58,9 @@ class ImageSet:
         digest = hashlib.sha256()
         for ref, label in zip(self.refs, self.labels):
             stat = ref.path.stat()
-            digest.update(f"{ref.path}|{ref.offset}|{ref.size}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
+            digest.update(
+                f"{ref.path}|{ref.offset}|{ref.size}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode()
+            )
         self._identity = digest.hexdigest()[:16]
         return self._identity
 
@@ -76,7 +79,9 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 def gpr1200_folder(path: Path, name: str = "gpr1200") -> ImageSet:
-    files = sorted(p for p in _require_dir(path, "GPR1200 folder").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(
+        p for p in _require_dir(path, "GPR1200 folder").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+    )
     labels, groups = [], []
     for file in files:
         match = GPR1200_NAME.match(file.stem)
@@ -84,7 +89,9 @@ def gpr1200_folder(path: Path, name: str = "gpr1200") -> ImageSet:
             raise StageConfigError(f"{file}: not a GPR1200 file name (expected '<class>_<name>.jpg')")
         cls = int(match.group(1))
         labels.append(str(cls))
-        groups.append(GPR1200_SUBSETS[cls // 200] if cls < 200 * len(GPR1200_SUBSETS) else f"block{cls // 200}")
+        groups.append(
+            GPR1200_SUBSETS[cls // 200] if cls < 200 * len(GPR1200_SUBSETS) else f"block{cls // 200}"
+        )
     if not files:
         raise StageConfigError(f"GPR1200 folder has no images: {path}")
     return ImageSet(name, [ImageRef(f) for f in files], np.array(labels), np.array(groups))
@@ -121,8 +128,9 @@ def shard_images(root: Path, name: str = "shards", captions: str | None = None):
     return ImageSet(name, [ImageRef(s.tar, s.jpg_offset, s.jpg_size) for s in samples], labels), samples
 
 
-def karpathy_captions(path: Path, image_root: Path | None = None, split: str = "test",
-                      name: str = "karpathy") -> CaptionSet:
+def karpathy_captions(
+    path: Path, image_root: Path | None = None, split: str = "test", name: str = "karpathy"
+) -> CaptionSet:
     """Images of `split` and their sentences; `filepath/filename` are taken from `image_root`
     (default: the json's folder)."""
     try:

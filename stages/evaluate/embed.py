@@ -4,6 +4,7 @@ transform), texts in batches; cached as `.npy` with a sidecar naming what made t
 A cache file is reused only when its sidecar matches (model identity, image set identity, image
 size), so evaluating several models, or re-running after one changed, embeds each pair once.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,10 +38,16 @@ class _Pictures(Dataset):
 
 
 def embed_images(clip, images: ImageSet, batch_size: int = 256, num_workers: int = 2) -> np.ndarray:
-    loader = DataLoader(_Pictures(images, clip.preprocess), batch_size=batch_size, num_workers=num_workers,
-                        persistent_workers=False)
-    chunks = [clip.encode_images(batch).numpy()
-              for batch in tqdm(loader, desc=f"embed {images.name}", unit="batch", leave=False)]
+    loader = DataLoader(
+        _Pictures(images, clip.preprocess),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        persistent_workers=False,
+    )
+    chunks = [
+        clip.encode_images(batch).numpy()
+        for batch in tqdm(loader, desc=f"embed {images.name}", unit="batch", leave=False)
+    ]
     return np.concatenate(chunks).astype(np.float32)
 
 

@@ -4,6 +4,7 @@ Pure functions, computed blockwise over the queries so that 100k x 100k retrieva
 block of similarities at a time (`block_rows` x N). Protocols: shared/METHOD.md.
 Ties in similarity rank in dataset order (a stable sort), so results are deterministic.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -49,16 +50,23 @@ def retrieval_map(emb: np.ndarray, labels: np.ndarray, block_rows: int | None = 
     return float(average_precisions(emb, labels, block_rows).mean())
 
 
-def retrieval_map_by_group(emb: np.ndarray, labels: np.ndarray, groups: np.ndarray,
-                           block_rows: int | None = None) -> dict[str, float]:
+def retrieval_map_by_group(
+    emb: np.ndarray, labels: np.ndarray, groups: np.ndarray, block_rows: int | None = None
+) -> dict[str, float]:
     """mAP per group of queries (each query still searches every item); e.g. GPR1200's subsets."""
     aps, groups = average_precisions(emb, labels, block_rows), np.asarray(groups)
     return {str(g): float(aps[groups == g].mean()) for g in dict.fromkeys(groups.tolist())}
 
 
-def knn_accuracy(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.ndarray,
-                 test_labels: np.ndarray, k: int = 21, temperature: float = 0.1,
-                 block_rows: int | None = None) -> float:
+def knn_accuracy(
+    train_emb: np.ndarray,
+    train_labels: np.ndarray,
+    test_emb: np.ndarray,
+    test_labels: np.ndarray,
+    k: int = 21,
+    temperature: float = 0.1,
+    block_rows: int | None = None,
+) -> float:
     """Top-1 accuracy of a k-NN vote weighted by exp(cos / temperature); a tied vote picks the
     class seen first in `train_labels`."""
     train_emb, test_emb = normalise(train_emb), normalise(test_emb)
@@ -77,8 +85,9 @@ def knn_accuracy(train_emb: np.ndarray, train_labels: np.ndarray, test_emb: np.n
     return float(hits.mean())
 
 
-def zero_shot_accuracy(img_emb: np.ndarray, labels: np.ndarray, class_text_emb: np.ndarray,
-                       block_rows: int | None = None) -> dict[str, float]:
+def zero_shot_accuracy(
+    img_emb: np.ndarray, labels: np.ndarray, class_text_emb: np.ndarray, block_rows: int | None = None
+) -> dict[str, float]:
     """Top-1/top-5 of logits 100 * cos(image, class text); labels are row indices of class_text_emb."""
     img_emb, class_emb, labels = normalise(img_emb), normalise(class_text_emb), np.asarray(labels)
     top = min(5, len(class_emb))
@@ -99,8 +108,13 @@ def _owner_mask(owners: Sequence, rows: slice, images: int) -> np.ndarray:
     return mask
 
 
-def text_to_image_recall(img_emb: np.ndarray, txt_emb: np.ndarray, txt_owner: Sequence,
-                         ks: Sequence[int] = (1, 5, 10), block_rows: int | None = None) -> dict[str, float]:
+def text_to_image_recall(
+    img_emb: np.ndarray,
+    txt_emb: np.ndarray,
+    txt_owner: Sequence,
+    ks: Sequence[int] = (1, 5, 10),
+    block_rows: int | None = None,
+) -> dict[str, float]:
     """Recall@k: the share of captions with a relevant image (txt_owner[k]: an index or indices)
     among their top k images."""
     img_emb, txt_emb = normalise(img_emb), normalise(txt_emb)
@@ -116,8 +130,9 @@ def text_to_image_recall(img_emb: np.ndarray, txt_emb: np.ndarray, txt_owner: Se
     return {f"R@{k}": hits[k] / len(txt_emb) for k in ks}
 
 
-def text_to_image_map(img_emb: np.ndarray, txt_emb: np.ndarray, txt_owner: Sequence,
-                      block_rows: int | None = None) -> float:
+def text_to_image_map(
+    img_emb: np.ndarray, txt_emb: np.ndarray, txt_owner: Sequence, block_rows: int | None = None
+) -> float:
     """mAP of captions querying all images; relevant = txt_owner[k] (an index or indices). Stays
     informative where many images share one caption and Recall@k saturates."""
     img_emb, txt_emb = normalise(img_emb), normalise(txt_emb)

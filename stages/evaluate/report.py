@@ -5,6 +5,7 @@
                      red: other class; the query itself left out) for the first and the last model.
 Written only when `metrics.json` changes or a file is missing, so a finished run stays untouched.
 """
+
 from __future__ import annotations
 
 import io
@@ -32,7 +33,9 @@ def columns(all_metrics: dict[str, dict[str, Any]]) -> list[tuple[str, tuple[str
         found.append(("k-NN top-1", ("knn_top1",)))
     if "zero_shot" in first:
         found += [("zero-shot top-1", ("zero_shot", "top1")), ("zero-shot top-5", ("zero_shot", "top5"))]
-    for key in sorted(first.get("text_to_image", {}), key=lambda k: (k == "mAP", int(k[2:]) if k[2:].isdigit() else 0)):
+    for key in sorted(
+        first.get("text_to_image", {}), key=lambda k: (k == "mAP", int(k[2:]) if k[2:].isdigit() else 0)
+    ):
         found.append((f"T2I {key}", ("text_to_image", key)))
     return found
 
@@ -48,11 +51,12 @@ def _value(metrics: dict[str, Any], path: tuple[str, ...]) -> float | None:
 def markdown_table(all_metrics: dict[str, dict[str, Any]]) -> str:
     """Rows: models; columns: metrics in percent (one decimal), as in the paper's Table 1."""
     cols = columns(all_metrics)
-    lines = ["| model | " + " | ".join(h.strip() for h, _ in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
+    lines = ["| model | " + " | ".join(h.strip() for h, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
     for model, m in all_metrics.items():
         cells = [_value(m, path) for _, path in cols]
-        lines.append(f"| {model} | " + " | ".join("-" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
+        lines.append(
+            f"| {model} | " + " | ".join("-" if c is None else f"{100 * c:.1f}" for c in cells) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -62,13 +66,17 @@ def write_report(cfg, data, folder: Path, all_metrics: dict[str, dict[str, Any]]
     previous = json.loads(files[0].read_text()) if files[0].exists() else None
     if previous == all_metrics and all(f.exists() for f in files[1:3]):
         return table
-    text = (f"# Evaluation `{cfg.name}`\n\nAll values in percent. Models: "
-            + ", ".join(f"`{m.name}` ({m.stage or m.checkpoint or 'random weights'})" for m in cfg.models)
-            + f".\n\n{table}\n\n![metrics](metrics.png)\n")
+    text = (
+        f"# Evaluation `{cfg.name}`\n\nAll values in percent. Models: "
+        + ", ".join(f"`{m.name}` ({m.stage or m.checkpoint or 'random weights'})" for m in cfg.models)
+        + f".\n\n{table}\n\n![metrics](metrics.png)\n"
+    )
     grid = cfg.grid or next(iter(cfg.retrieval), None)
     if grid is not None:
         plot_retrieval_grid(cfg, data.retrieval[grid], folder)
-        text += f"\nTop-{GRID_RESULTS} results on `{grid}` (green: same class):\n\n![grid](retrieval_grid.png)\n"
+        text += (
+            f"\nTop-{GRID_RESULTS} results on `{grid}` (green: same class):\n\n![grid](retrieval_grid.png)\n"
+        )
     plot_metrics(all_metrics, folder / "metrics.png")
     write_text_atomic(folder / "report.md", text)
     write_json_atomic(files[0], all_metrics)  # last: its presence means the report matches it
@@ -133,8 +141,12 @@ def plot_retrieval_grid(cfg, images, folder: Path) -> None:
 
     shown = [cfg.models[0]] + ([cfg.models[-1]] if len(cfg.models) > 1 else [])
     queries = np.linspace(0, len(images.refs) - 1, GRID_QUERIES).astype(int)
-    figure, axes = plt.subplots(GRID_QUERIES, len(shown) * (GRID_RESULTS + 1),
-                                figsize=(1.0 * len(shown) * (GRID_RESULTS + 1), 1.1 * GRID_QUERIES), squeeze=False)
+    figure, axes = plt.subplots(
+        GRID_QUERIES,
+        len(shown) * (GRID_RESULTS + 1),
+        figsize=(1.0 * len(shown) * (GRID_RESULTS + 1), 1.1 * GRID_QUERIES),
+        squeeze=False,
+    )
     for m, entry in enumerate(shown):
         emb = np.load(embedding_file(folder, entry.name, images))
         for r, (q, results) in enumerate(grid_rows(emb, images.labels, queries)):
@@ -143,7 +155,9 @@ def plot_retrieval_grid(cfg, images, folder: Path) -> None:
                 axis.imshow(Image.open(io.BytesIO(images.refs[index].read())).convert("RGB"))
                 axis.set_xticks([])
                 axis.set_yticks([])
-                colour = "black" if c == 0 else ("green" if images.labels[index] == images.labels[q] else "red")
+                colour = (
+                    "black" if c == 0 else ("green" if images.labels[index] == images.labels[q] else "red")
+                )
                 for spine in axis.spines.values():
                     spine.set_edgecolor(colour)
                     spine.set_linewidth(3 if c else 1)

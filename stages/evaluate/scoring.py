@@ -4,6 +4,7 @@
   i2i_map:{dataset: mAP}, i2i_map_by_group:{dataset: {group: mAP}}, knn_top1, zero_shot:{top1, top5},
   text_to_image:{R@1, R@5, R@10, mAP}; every value a fraction in [0, 1].
 """
+
 from __future__ import annotations
 
 import logging
@@ -80,8 +81,11 @@ def evaluate_model(cfg, root: Path, entry, identity: str | None, data: Datasets,
 
     def image_embeddings(images: datasets.ImageSet) -> np.ndarray:
         about = {"model": identity, "images": images.identity(), "image_size": clip.image_size}
-        return cached(embedding_file(out, entry.name, images), about,
-                      lambda: embed_images(clip, images, cfg.batch_size, cfg.num_workers))
+        return cached(
+            embedding_file(out, entry.name, images),
+            about,
+            lambda: embed_images(clip, images, cfg.batch_size, cfg.num_workers),
+        )
 
     result: dict[str, Any] = {}
     for name, images in data.retrieval.items():
@@ -89,11 +93,17 @@ def evaluate_model(cfg, root: Path, entry, identity: str | None, data: Datasets,
     if cfg.knn:
         result["knn_top1"] = knn_top1(image_embeddings(data.knn), data.knn.labels, cfg.knn)
     if cfg.zero_shot:
-        result["zero_shot"] = zero_shot(clip, image_embeddings(data.zero_shot), data.zero_shot.labels, cfg.zero_shot)
+        result["zero_shot"] = zero_shot(
+            clip, image_embeddings(data.zero_shot), data.zero_shot.labels, cfg.zero_shot
+        )
     if cfg.text_to_image:
         captions = data.text_to_image
-        result["text_to_image"] = text_to_image(image_embeddings(captions.images), clip.encode_texts(captions.texts),
-                                                captions.owners, cfg.text_to_image.ks)
+        result["text_to_image"] = text_to_image(
+            image_embeddings(captions.images),
+            clip.encode_texts(captions.texts),
+            captions.owners,
+            cfg.text_to_image.ks,
+        )
     write_json_atomic(out / "metrics" / f"{entry.name}.json", result)
     return result
 
@@ -116,8 +126,10 @@ def retrieval(emb: np.ndarray, images: datasets.ImageSet, name: str) -> dict[str
 
 
 def text_to_image(img_emb: np.ndarray, txt_emb: np.ndarray, owners, ks) -> dict[str, float]:
-    return {**metrics.text_to_image_recall(img_emb, txt_emb, owners, ks),
-            "mAP": metrics.text_to_image_map(img_emb, txt_emb, owners)}
+    return {
+        **metrics.text_to_image_recall(img_emb, txt_emb, owners, ks),
+        "mAP": metrics.text_to_image_map(img_emb, txt_emb, owners),
+    }
 
 
 def alternate_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,8 +145,9 @@ def alternate_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def knn_top1(emb: np.ndarray, labels: np.ndarray, section) -> float:
     gallery, queries = alternate_split(labels)
-    return metrics.knn_accuracy(emb[gallery], labels[gallery], emb[queries], labels[queries],
-                                section.k, section.temperature)
+    return metrics.knn_accuracy(
+        emb[gallery], labels[gallery], emb[queries], labels[queries], section.k, section.temperature
+    )
 
 
 def class_prompts(names: list[str], templates: list[str] | None) -> list[list[str]]:
@@ -158,4 +171,6 @@ def zero_shot(clip, img_emb: np.ndarray, labels: np.ndarray, section) -> dict[st
     per_template = len(prompts[0])
     text = clip.encode_texts([p for group in prompts for p in group]).reshape(len(names), per_template, -1)
     class_emb = metrics.normalise(text.mean(axis=1))
-    return metrics.zero_shot_accuracy(img_emb, np.array([index[mapping[label]] for label in labels]), class_emb)
+    return metrics.zero_shot_accuracy(
+        img_emb, np.array([index[mapping[label]] for label in labels]), class_emb
+    )

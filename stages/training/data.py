@@ -10,6 +10,7 @@ positions r, r + world, ...; a resumed run starts at the very next position of i
 sample is skipped or repeated within the epoch. Augmentations are seeded per (seed, epoch, index),
 so they do not depend on the DataLoader worker that produced the sample.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,15 +33,28 @@ from stages.layout import RunLayout
 
 def train_transform(size: int, mean, std) -> Callable:
     """METHOD.md: resize to a square of 1.125*S, random crop S, horizontal flip, colour jitter 0.4."""
-    return T.Compose([T.Resize((round(1.125 * size),) * 2, interpolation=T.InterpolationMode.BICUBIC),
-                      T.RandomCrop(size), T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4, 0.4),
-                      T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [
+            T.Resize((round(1.125 * size),) * 2, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomCrop(size),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.4, 0.4, 0.4),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 def eval_transform(size: int, mean, std) -> Callable:
     """Same resize, centre crop S."""
-    return T.Compose([T.Resize((round(1.125 * size),) * 2, interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [
+            T.Resize((round(1.125 * size),) * 2, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 TOKEN_CACHE_SIZE = 100_000  # captions per worker: at most ~60 MB of int64 tokens at context 77
@@ -136,7 +150,13 @@ class CaptionedImages(Dataset):
         if captions:
             tokens[: len(captions)] = torch.stack([self._tokens(c) for c in captions])
         mask = torch.arange(self.k) < len(captions)
-        return {"image": self.transform(image), "cls": ref.cls, "tokens": tokens, "mask": mask, "index": index}
+        return {
+            "image": self.transform(image),
+            "cls": ref.cls,
+            "tokens": tokens,
+            "mask": mask,
+            "index": index,
+        }
 
 
 class EmbeddedTexts(Dataset):
@@ -150,26 +170,43 @@ class EmbeddedTexts(Dataset):
         return len(self.texts)
 
     def __getitem__(self, index: int) -> dict:
-        return {"emb": torch.from_numpy(self.embeddings[index]), "tokens": self.tokenizer([self.texts[index]])[0],
-                "index": index}
+        return {
+            "emb": torch.from_numpy(self.embeddings[index]),
+            "tokens": self.tokenizer([self.texts[index]])[0],
+            "index": index,
+        }
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """Workers leave SIGUSR1/SIGTERM to the main process, which checkpoints and then stops them; a
     signal sent to the whole process group (srun, scancel) must not kill a worker mid-batch."""
     import signal
+
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def epoch_loader(dataset: CaptionedImages | EmbeddedTexts, epoch: int, rank: int, world_size: int, batch_size: int,
-                 start_position: int = 0, workers: int = 2) -> DataLoader:
+def epoch_loader(
+    dataset: CaptionedImages | EmbeddedTexts,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    start_position: int = 0,
+    workers: int = 2,
+) -> DataLoader:
     """Batches of this rank's share of the epoch, from `start_position` (samples already seen) on."""
     dataset.epoch = epoch
     positions = rank_positions(epoch_order(len(dataset), dataset.seed, epoch), rank, world_size, batch_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=positions[start_position:].tolist(),
-                      num_workers=workers, drop_last=True, persistent_workers=False,
-                      worker_init_fn=_ignore_stop_signals if workers else None)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=positions[start_position:].tolist(),
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=False,
+        worker_init_fn=_ignore_stop_signals if workers else None,
+    )
 
 
 def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:

@@ -10,6 +10,7 @@ silently drop DeepSpeed. Launch several processes with `torchrun --nproc_per_nod
     model, optimizer = engine.prepare(model, optimizer)
     engine.backward(loss); engine.step()
 """
+
 from __future__ import annotations
 
 import json
@@ -46,6 +47,7 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     from torch.distributed.nn.functional import all_gather
+
     return torch.cat(all_gather(tensor), dim=0)
 
 
@@ -74,7 +76,9 @@ class PlainEngine:
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, folder / "state.pt")
+        torch.save(
+            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, folder / "state.pt"
+        )
 
     def load(self, folder: Path) -> None:
         state = torch.load(folder / "state.pt", map_location=self.device)
@@ -97,12 +101,18 @@ class DeepSpeedEngine:
         from accelerate.utils import InitProcessGroupKwargs
 
         on_gpu = torch.cuda.is_available()
-        config = {**config, "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-                  "gradient_clipping": grad_clip or 0.0}
+        config = {
+            **config,
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": grad_clip or 0.0,
+        }
         if not on_gpu:  # no mixed precision on CPU
             config["bf16"], config["fp16"] = {"enabled": False}, {"enabled": False}
         handlers = [] if on_gpu else [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=10))]
-        self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), kwargs_handlers=handlers)
+        self.accelerator = Accelerator(
+            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), kwargs_handlers=handlers
+        )
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
         self.model = self.optimizer = None
@@ -131,8 +141,9 @@ class DeepSpeedEngine:
         self.accelerator.wait_for_everyone()
 
 
-def make_engine(deepspeed_config: Path | None, micro_batch: int, grad_clip: float | None,
-                device: str = "cpu") -> Engine:
+def make_engine(
+    deepspeed_config: Path | None, micro_batch: int, grad_clip: float | None, device: str = "cpu"
+) -> Engine:
     """DeepSpeed when a config file is given, plain torch otherwise."""
     if deepspeed_config is None:
         return PlainEngine(grad_clip, device)

@@ -1,5 +1,6 @@
 """The finetune stage's work: build the model and data, run the loop with the MCIP (or GPR) loss,
 export the final model. See stages/finetune.py for the stage's inputs and outputs."""
+
 from __future__ import annotations
 
 import logging
@@ -34,33 +35,64 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
     dataset = _dataset(cfg, ctx, clip)
     per_epoch = steps_per_epoch(len(dataset), engine.world_size, cfg.batch_size)
     if per_epoch == 0:
-        raise StageConfigError(f"finetune: {len(dataset)} samples are fewer than one batch of "
-                               f"{cfg.batch_size} x {engine.world_size} processes")
+        raise StageConfigError(
+            f"finetune: {len(dataset)} samples are fewer than one batch of "
+            f"{cfg.batch_size} x {engine.world_size} processes"
+        )
     total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
-    optimizer = adamw(module.named_parameters(), {"proxies": cfg.proxy_lr_multiplier}, cfg.betas, cfg.eps,
-                      cfg.weight_decay, decay_matrices_only=False)
+    optimizer = adamw(
+        module.named_parameters(),
+        {"proxies": cfg.proxy_lr_multiplier},
+        cfg.betas,
+        cfg.eps,
+        cfg.weight_decay,
+        decay_matrices_only=False,
+    )
     model, optimizer = engine.prepare(module, optimizer)
-    loop_plan = LoopPlan(plan.stage_dir, plan.fingerprint, per_epoch, total, cfg.batch_size,
-                         cfg.checkpoint_every, cosine_lr(cfg.lr, cfg.min_lr, total))
+    loop_plan = LoopPlan(
+        plan.stage_dir,
+        plan.fingerprint,
+        per_epoch,
+        total,
+        cfg.batch_size,
+        cfg.checkpoint_every,
+        cosine_lr(cfg.lr, cfg.min_lr, total),
+    )
     drop_stale_checkpoints(plan.stage_dir, plan.fingerprint, ctx, engine)
 
     def batches(epoch: int, start: int):
-        return epoch_loader(dataset, epoch, engine.rank, engine.world_size, cfg.batch_size, start, cfg.num_workers)
+        return epoch_loader(
+            dataset, epoch, engine.rank, engine.world_size, cfg.batch_size, start, cfg.num_workers
+        )
 
-    result = run_loop(engine, model, optimizer, loop_plan, batches,
-                      lambda batch: _loss(cfg, engine.unwrap(model), batch, engine.device))
+    result = run_loop(
+        engine,
+        model,
+        optimizer,
+        loop_plan,
+        batches,
+        lambda batch: _loss(cfg, engine.unwrap(model), batch, engine.device),
+    )
     if result.stopped_by_signal or result.step < total:
         return
     architecture = {"model": cfg.model, "config_dir": str(cfg.config_dir) if cfg.config_dir else None}
-    finish_training(engine, engine.unwrap(model).clip, architecture, plan, plan.stage_dir,
-                    {"counts": {"steps": result.step, "samples_seen": result.samples_seen}})
+    finish_training(
+        engine,
+        engine.unwrap(model).clip,
+        architecture,
+        plan,
+        plan.stage_dir,
+        {"counts": {"steps": result.step, "samples_seen": result.samples_seen}},
+    )
 
 
 def _class_count(root) -> int:
     labels = read_labels(RunLayout(root))
     if labels is None:
-        raise StageConfigError(f"finetune needs class labels: {RunLayout(root).labels_file} is missing "
-                               "(set label_col in download)")
+        raise StageConfigError(
+            f"finetune needs class labels: {RunLayout(root).labels_file} is missing "
+            "(set label_col in download)"
+        )
     return len(labels)
 
 
@@ -69,7 +101,9 @@ def _dataset(cfg, ctx: RunContext, clip) -> CaptionedImages:
     refs = index_samples(ctx.root, units, cfg.captions if cfg.loss == "mcip" else None)
     unlabelled = next((r for r in refs if r.cls < 0), None)
     if unlabelled is not None:
-        raise StageConfigError(f"finetune needs class labels: {unlabelled.tar} has no .cls for key {unlabelled.key}")
+        raise StageConfigError(
+            f"finetune needs class labels: {unlabelled.tar} has no .cls for key {unlabelled.key}"
+        )
     preprocess = clip.model.visual.preprocess_cfg
     transform = train_transform(clip.image_size, preprocess["mean"], preprocess["std"])
     return CaptionedImages(refs, transform, clip.tokenizer, cfg.captions_per_image, ctx.seed)

@@ -9,6 +9,7 @@ unscaling), optimizer step. A checkpoint every `checkpoint_every` steps and when
 arrives (then the loop stops and the caller exits, e.g. for a SLURM requeue). A restart resumes from
 the newest complete checkpoint and continues with the very next sample of the epoch.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,11 @@ log = logging.getLogger(__name__)
 
 def cosine_lr(base_lr: float, min_lr: float, total_steps: int) -> Callable[[int], float]:
     """Cosine decay per step from base_lr to min_lr, no warmup (METHOD.md)."""
+
     def lr_at(step: int) -> float:
         progress = min(step / max(total_steps, 1), 1.0)
         return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * progress))
+
     return lr_at
 
 
@@ -68,8 +71,10 @@ def newest_checkpoint(out: Path, fingerprint: str) -> tuple[Path, dict] | None:
             continue
         meta = json.loads(meta_path.read_text())
         if meta["fingerprint"] != fingerprint:
-            raise StageConfigError(f"{folder} was made with other settings (fingerprint {meta['fingerprint']}, "
-                                   f"now {fingerprint}); rerun with --force to start over")
+            raise StageConfigError(
+                f"{folder} was made with other settings (fingerprint {meta['fingerprint']}, "
+                f"now {fingerprint}); rerun with --force to start over"
+            )
         return folder, meta
     return None
 
@@ -94,11 +99,14 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def run_loop(engine, model, optimizer, plan: LoopPlan, batches: Callable[[int, int], Iterable],
-             compute_loss: Callable) -> LoopResult:
+def run_loop(
+    engine, model, optimizer, plan: LoopPlan, batches: Callable[[int, int], Iterable], compute_loss: Callable
+) -> LoopResult:
     step = _resume(engine, plan)
     is_main = engine.rank == 0
-    progress = tqdm(total=plan.total_steps, initial=step, desc=plan.out.name, unit="step", disable=not is_main)
+    progress = tqdm(
+        total=plan.total_steps, initial=step, desc=plan.out.name, unit="step", disable=not is_main
+    )
     plan.out.mkdir(parents=True, exist_ok=True)
     metrics = open(plan.out / "metrics.jsonl", "a") if is_main else None
     stopped = False
@@ -130,8 +138,13 @@ def _train_step(engine, model, optimizer, plan: LoopPlan, batch, compute_loss, s
     engine.backward(loss)
     engine.step()
     if metrics is not None:
-        row = {"step": step + 1, "loss": loss.item(), "lr": lr, "seconds": time.monotonic() - started,
-               **{k: float(v) for k, v in parts.items()}}
+        row = {
+            "step": step + 1,
+            "loss": loss.item(),
+            "lr": lr,
+            "seconds": time.monotonic() - started,
+            **{k: float(v) for k, v in parts.items()},
+        }
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
     return step + 1
@@ -144,12 +157,19 @@ def save_checkpoint(engine, plan: LoopPlan, step: int) -> None:
     engine.barrier()
     if engine.rank == 0:
         epoch, position = divmod(step, plan.steps_per_epoch)
-        write_json_atomic(folder / "meta.json", {
-            "step": step, "epoch": epoch, "position_per_rank": position * plan.batch_size,
-            "samples_seen": step * plan.batch_size * engine.world_size, "world_size": engine.world_size,
-            "fingerprint": plan.fingerprint})
+        write_json_atomic(
+            folder / "meta.json",
+            {
+                "step": step,
+                "epoch": epoch,
+                "position_per_rank": position * plan.batch_size,
+                "samples_seen": step * plan.batch_size * engine.world_size,
+                "world_size": engine.world_size,
+                "fingerprint": plan.fingerprint,
+            },
+        )
         complete = sorted(p.parent for p in (plan.out / "ckpt").glob("step-*/meta.json"))
-        for old in complete[:-plan.keep_checkpoints]:
+        for old in complete[: -plan.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     engine.barrier()
 
@@ -160,8 +180,10 @@ def _resume(engine, plan: LoopPlan) -> int:
         return 0
     folder, meta = found
     if meta["world_size"] != engine.world_size:
-        raise StageConfigError(f"{folder} was written by {meta['world_size']} processes, this run has "
-                               f"{engine.world_size}; resume with the same number")
+        raise StageConfigError(
+            f"{folder} was written by {meta['world_size']} processes, this run has "
+            f"{engine.world_size}; resume with the same number"
+        )
     engine.load(folder)
     engine.barrier()
     if engine.rank == 0:  # checkpoints a crash left without meta.json are of no use

@@ -8,6 +8,7 @@ float64, for gradient checks) even when the inputs come from a half-precision fo
     clip_infonce_loss(img_emb, txt_emb, logit_scale)   symmetric CLIP loss for re-alignment
     siglip_loss(img_emb, txt_emb, logit_scale, logit_bias)   SigLIP's sigmoid loss, for re-aligning SigLIP
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ def _margin_logits(cos: torch.Tensor, positive: torch.Tensor, s: float, m: float
     return s * torch.where(positive, margin_cosine(cos, m), cos)
 
 
-def arc_margin_loss(emb: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor, s: float = SCALE,
-                    m: float = MARGIN) -> torch.Tensor:
+def arc_margin_loss(
+    emb: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor, s: float = SCALE, m: float = MARGIN
+) -> torch.Tensor:
     """Mean cross-entropy over classes; the true class's cosine gets the additive angular margin.
 
     emb [B, D], labels [B] (class indexes), proxies [C, D] (learnable, normalised here).
@@ -50,9 +52,14 @@ def arc_margin_loss(emb: torch.Tensor, labels: torch.Tensor, proxies: torch.Tens
     return F.cross_entropy(_margin_logits(cos, positive, s, m), labels)
 
 
-def multi_caption_loss(img_emb: torch.Tensor, cap_emb: torch.Tensor, cap_owner: torch.Tensor,
-                       s: float = SCALE, m: float = MARGIN,
-                       max_term_weight: float = MAX_TERM_WEIGHT) -> torch.Tensor:
+def multi_caption_loss(
+    img_emb: torch.Tensor,
+    cap_emb: torch.Tensor,
+    cap_owner: torch.Tensor,
+    s: float = SCALE,
+    m: float = MARGIN,
+    max_term_weight: float = MAX_TERM_WEIGHT,
+) -> torch.Tensor:
     """Multi-Caption ArcMargin, image -> text: every caption of the batch is a class.
 
     img_emb [B, D]; cap_emb [N, D] (from the frozen text tower); cap_owner [N] = the batch index of
@@ -72,7 +79,9 @@ def multi_caption_loss(img_emb: torch.Tensor, cap_emb: torch.Tensor, cap_owner: 
     return per_image.mean()
 
 
-def clip_infonce_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+def clip_infonce_loss(
+    img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.Tensor | float
+) -> torch.Tensor:
     """Symmetric InfoNCE: the mean of image->text and text->image cross-entropy over the batch.
 
     `logit_scale` is the multiplier itself (already exponentiated, as open_clip's forward returns it).
@@ -82,8 +91,12 @@ def clip_infonce_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale:
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-def siglip_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.Tensor | float,
-                logit_bias: torch.Tensor | float) -> torch.Tensor:
+def siglip_loss(
+    img_emb: torch.Tensor,
+    txt_emb: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss (open_clip's SigLipLoss on the whole batch): every image-text
     pair is its own binary problem, label +1 on the diagonal and -1 elsewhere;
     logits = logit_scale * cos + logit_bias, loss = -sum log sigmoid(label * logit) / n (n images).

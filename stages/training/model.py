@@ -9,6 +9,7 @@ Hugging Face text towers, CoCa) is in captioning/clip_family.py. The export is
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
     model.load_state_dict(torch.load(path)["state_dict"], strict=True)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,9 @@ from shards.atomic import atomic_write
 from stages.errors import StageConfigError
 
 
-def build_model(arch: str, pretrained: str | None = None, config_dir: Path | None = None,
-                device: str = "cpu") -> ClipModel:
+def build_model(
+    arch: str, pretrained: str | None = None, config_dir: Path | None = None, device: str = "cpu"
+) -> ClipModel:
     """The open_clip model in train mode, with its transforms and tokenizer. A model that cannot be
     loaded, or whose family (captioning/clip_family.py) is not supported, is a one-line error."""
     try:
@@ -54,10 +56,12 @@ def freeze_for_realign(model, unlocked_layers: int = 1, train_logit_bias: bool =
     family = family_of(model)
     blocks = family.blocks
     if not 0 <= unlocked_layers <= len(blocks):
-        raise StageConfigError(f"realign: unlocked_layers must be in [0, {len(blocks)}] for this "
-                               f"{type(model).__name__}, got {unlocked_layers}")
+        raise StageConfigError(
+            f"realign: unlocked_layers must be in [0, {len(blocks)}] for this "
+            f"{type(model).__name__}, got {unlocked_layers}"
+        )
     model.requires_grad_(False)
-    for part in (*blocks[len(blocks) - unlocked_layers:], *family.head):  # modules or bare parameters
+    for part in (*blocks[len(blocks) - unlocked_layers :], *family.head):  # modules or bare parameters
         part.requires_grad_(True)
     model.logit_scale.requires_grad_(True)
     if train_logit_bias:
@@ -68,8 +72,10 @@ def require_logit_bias(model) -> torch.nn.Parameter:
     """The learnable bias of the sigmoid loss; CLIP-trained models have none."""
     bias = logit_bias(model)
     if bias is None:
-        raise StageConfigError(f"realign: loss 'siglip' needs a model with a logit_bias (SigLIP's "
-                               f"init_logit_bias); this {type(model).__name__} has none; use loss: infonce")
+        raise StageConfigError(
+            f"realign: loss 'siglip' needs a model with a logit_bias (SigLIP's "
+            f"init_logit_bias); this {type(model).__name__} has none; use loss: infonce"
+        )
     return bias
 
 

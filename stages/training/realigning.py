@@ -1,6 +1,7 @@
 """The realign stage's work: image embeddings of the fine-tuned model (one resumable unit per shard),
 then InfoNCE (or, with `loss: siglip`, SigLIP's sigmoid loss) training of the unlocked text layers
 against them. See stages/realign.py; what unlocks in each model family: captioning/clip_family.py."""
+
 from __future__ import annotations
 
 import json
@@ -61,24 +62,49 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
     dataset = EmbeddedTexts(embeddings[keep], [texts[i] for i in keep], clip.tokenizer, ctx.seed)
     per_epoch = steps_per_epoch(len(dataset), engine.world_size, cfg.batch_size)
     if per_epoch == 0:
-        raise StageConfigError(f"realign: {len(dataset)} image-text pairs are fewer than one batch of "
-                               f"{cfg.batch_size} x {engine.world_size} processes")
+        raise StageConfigError(
+            f"realign: {len(dataset)} image-text pairs are fewer than one batch of "
+            f"{cfg.batch_size} x {engine.world_size} processes"
+        )
     total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
-    optimizer = adamw(clip.model.named_parameters(), {}, cfg.betas, cfg.eps, cfg.weight_decay, decay_matrices_only=True)
+    optimizer = adamw(
+        clip.model.named_parameters(), {}, cfg.betas, cfg.eps, cfg.weight_decay, decay_matrices_only=True
+    )
     model, optimizer = engine.prepare(clip.model, optimizer)
-    loop_plan = LoopPlan(plan.stage_dir, plan.fingerprint, per_epoch, total, cfg.batch_size, cfg.checkpoint_every,
-                         cosine_lr(cfg.lr, cfg.min_lr, total))
+    loop_plan = LoopPlan(
+        plan.stage_dir,
+        plan.fingerprint,
+        per_epoch,
+        total,
+        cfg.batch_size,
+        cfg.checkpoint_every,
+        cosine_lr(cfg.lr, cfg.min_lr, total),
+    )
     drop_stale_checkpoints(plan.stage_dir, plan.fingerprint, ctx, engine)
 
     def batches(epoch: int, start: int):
-        return epoch_loader(dataset, epoch, engine.rank, engine.world_size, cfg.batch_size, start, cfg.num_workers)
+        return epoch_loader(
+            dataset, epoch, engine.rank, engine.world_size, cfg.batch_size, start, cfg.num_workers
+        )
 
-    result = run_loop(engine, model, optimizer, loop_plan, batches,
-                      lambda b: _loss(engine.unwrap(model), b, engine.device, cfg.loss))
+    result = run_loop(
+        engine,
+        model,
+        optimizer,
+        loop_plan,
+        batches,
+        lambda b: _loss(engine.unwrap(model), b, engine.device, cfg.loss),
+    )
     if result.stopped_by_signal or result.step < total:
         return
-    finish_training(engine, engine.unwrap(model), {"model": arch, "config_dir": config_dir}, plan, plan.stage_dir,
-                    {"counts": {"steps": result.step, "samples_seen": result.samples_seen, "pairs": len(dataset)}})
+    finish_training(
+        engine,
+        engine.unwrap(model),
+        {"model": arch, "config_dir": config_dir},
+        plan,
+        plan.stage_dir,
+        {"counts": {"steps": result.step, "samples_seen": result.samples_seen, "pairs": len(dataset)}},
+    )
 
 
 def _loss(model, batch: dict, device, loss: str = "infonce") -> tuple[torch.Tensor, dict]:
@@ -88,8 +114,10 @@ def _loss(model, batch: dict, device, loss: str = "infonce") -> tuple[torch.Tens
     image_emb = batch["emb"].to(device, text_emb.dtype)
     images, texts, scale = gather_with_grad(image_emb), gather_with_grad(text_emb), model.logit_scale.exp()
     if loss == "siglip":
-        return siglip_loss(images, texts, scale, model.logit_bias), {"logit_scale": scale.detach(),
-                                                                     "logit_bias": model.logit_bias.detach()}
+        return siglip_loss(images, texts, scale, model.logit_bias), {
+            "logit_scale": scale.detach(),
+            "logit_bias": model.logit_bias.detach(),
+        }
     return clip_infonce_loss(images, texts, scale), {"logit_scale": scale.detach()}
 
 
@@ -97,11 +125,15 @@ def image_embeddings(cfg, ctx: RunContext, clip, refs, units: list[str], engine,
     """`embeddings/<name>/<shard>.npy` for every shard (this rank's share first, then any still
     missing), concatenated in shard and key order."""
     folder = RunLayout(ctx.root).embeddings(cfg.name)
-    settings = {"source": checkpoint_identity(str(source)),
-                "format_version": 1}
+    settings = {"source": checkpoint_identity(str(source)), "format_version": 1}
     preprocess = clip.model.visual.preprocess_cfg
-    dataset = CaptionedImages(refs, eval_transform(clip.image_size, preprocess["mean"], preprocess["std"]),
-                              clip.tokenizer, k=0, seed=ctx.seed)
+    dataset = CaptionedImages(
+        refs,
+        eval_transform(clip.image_size, preprocess["mean"], preprocess["std"]),
+        clip.tokenizer,
+        k=0,
+        seed=ctx.seed,
+    )
     per_unit = Counter(r.tar.stem for r in refs)
     starts = np.cumsum([0] + [per_unit[u] for u in units])
     clip.model.eval()
@@ -121,8 +153,14 @@ def image_embeddings(cfg, ctx: RunContext, clip, refs, units: list[str], engine,
 
 @torch.inference_mode()
 def _embed(clip, dataset, indexes, cfg, device) -> np.ndarray:
-    loader = DataLoader(dataset, batch_size=cfg.embed_batch_size, sampler=list(indexes), num_workers=cfg.num_workers)
+    loader = DataLoader(
+        dataset, batch_size=cfg.embed_batch_size, sampler=list(indexes), num_workers=cfg.num_workers
+    )
     dtype = next(clip.model.visual.parameters()).dtype
-    chunks = [torch.nn.functional.normalize(clip.model.encode_image(b["image"].to(device, dtype)).float(), dim=-1).cpu()
-              for b in loader]
+    chunks = [
+        torch.nn.functional.normalize(
+            clip.model.encode_image(b["image"].to(device, dtype)).float(), dim=-1
+        ).cpu()
+        for b in loader
+    ]
     return torch.cat(chunks).numpy().astype(np.float32)

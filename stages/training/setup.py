@@ -1,5 +1,6 @@
 """What the finetune and realign stages share: checkpoint identities, AdamW parameter groups, the
 engine, stale-checkpoint clean-up and the final export with its marker."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,14 @@ def checkpoint_identity(pretrained: str | None) -> str | None:
     return file_sha256(Path(pretrained)) if pretrained and Path(pretrained).is_file() else pretrained
 
 
-def adamw(named_parameters, lr_scales: dict[str, float], betas, eps: float, weight_decay: float,
-          decay_matrices_only: bool) -> torch.optim.AdamW:
+def adamw(
+    named_parameters,
+    lr_scales: dict[str, float],
+    betas,
+    eps: float,
+    weight_decay: float,
+    decay_matrices_only: bool,
+) -> torch.optim.AdamW:
     """AdamW over trainable parameters; `lr_scales` maps a name prefix to a multiplier of the base lr
     (e.g. proxies at 100x). With `decay_matrices_only`, vectors and scalars get no weight decay."""
     groups: dict[tuple[float, float], list] = {}
@@ -34,8 +41,10 @@ def adamw(named_parameters, lr_scales: dict[str, float], betas, eps: float, weig
         scale = next((s for prefix, s in lr_scales.items() if name.startswith(prefix)), 1.0)
         decay = 0.0 if decay_matrices_only and parameter.ndim < 2 else weight_decay
         groups.setdefault((scale, decay), []).append(parameter)
-    param_groups = [{"params": params, "lr_scale": scale, "weight_decay": decay, "lr": 0.0}
-                    for (scale, decay), params in groups.items()]
+    param_groups = [
+        {"params": params, "lr_scale": scale, "weight_decay": decay, "lr": 0.0}
+        for (scale, decay), params in groups.items()
+    ]
     return torch.optim.AdamW(param_groups, betas=tuple(betas), eps=eps)
 
 
@@ -44,14 +53,18 @@ def engine_for(cfg, ctx: RunContext):
     process (several would each train alone and overwrite each other's checkpoints), and DeepSpeed's
     process group is the one the context was built from (torchrun's RANK/WORLD_SIZE)."""
     if cfg.deepspeed is None and ctx.world_size > 1:
-        raise StageConfigError(f"{ctx.world_size} processes without DeepSpeed would each train alone on the same "
-                               f"checkpoints (this is rank {ctx.rank}); set deepspeed: to train on "
-                               f"{ctx.world_size} processes, or run one process")
+        raise StageConfigError(
+            f"{ctx.world_size} processes without DeepSpeed would each train alone on the same "
+            f"checkpoints (this is rank {ctx.rank}); set deepspeed: to train on "
+            f"{ctx.world_size} processes, or run one process"
+        )
     engine = make_engine(cfg.deepspeed, cfg.batch_size, cfg.grad_clip, cfg.device)
     if (engine.rank, engine.world_size) != (ctx.rank, ctx.world_size):
-        raise StageConfigError(f"the training engine is rank {engine.rank} of {engine.world_size}, but the "
-                               f"environment says rank {ctx.rank} of {ctx.world_size}; start training under "
-                               "torchrun (launch/slurm_mcip.sh does) so both come from RANK/WORLD_SIZE")
+        raise StageConfigError(
+            f"the training engine is rank {engine.rank} of {engine.world_size}, but the "
+            f"environment says rank {ctx.rank} of {ctx.world_size}; start training under "
+            "torchrun (launch/slurm_mcip.sh does) so both come from RANK/WORLD_SIZE"
+        )
     return engine
 
 
@@ -64,7 +77,9 @@ def drop_stale_checkpoints(out: Path, fingerprint: str, ctx: RunContext, engine)
     engine.barrier()
 
 
-def run_training_stage(name: str, folder: Path, settings: dict[str, Any], ctx: RunContext, train) -> StageResult:
+def run_training_stage(
+    name: str, folder: Path, settings: dict[str, Any], ctx: RunContext, train
+) -> StageResult:
     """A training stage is one unit that every rank works on together: `train(plan)` when not done."""
     plan = plan_units(name, folder, [FINAL_UNIT], settings, ctx, split_by_rank=False)
     if plan.mine:
@@ -72,8 +87,9 @@ def run_training_stage(name: str, folder: Path, settings: dict[str, Any], ctx: R
     return finish_stage(name, plan, len(plan.mine), sum_counts)
 
 
-def finish_training(engine, clip_model, architecture: dict[str, Any], plan: UnitPlan, out: Path,
-                    payload: dict[str, Any]) -> None:
+def finish_training(
+    engine, clip_model, architecture: dict[str, Any], plan: UnitPlan, out: Path, payload: dict[str, Any]
+) -> None:
     """Rank 0 exports `final/model.pt` (the open_clip model alone) and `final/model.json` (its
     architecture and config folder, for the stages that load it), then writes the stage's marker."""
     if engine.rank == 0:

@@ -1,4 +1,5 @@
 """The caption stage with tiny BLIP, BLIP-2, LLaVA and open_clip models (random weights, loaded by path)."""
+
 from __future__ import annotations
 
 import json
@@ -32,14 +33,18 @@ def _run(manifest: Path, *extra: str) -> int:
 
 def _generation(k: int | None = None, **generation) -> dict:
     """Caption settings for short generations; `generation` keys go into the `generation:` section."""
-    return {"generation": {"max_new_tokens": 6, "min_new_tokens": 4, **generation},
-            "filter": {"min_words": 0, "dedupe": False}, **({"captions_per_image": k} if k else {})}
+    return {
+        "generation": {"max_new_tokens": 6, "min_new_tokens": 4, **generation},
+        "filter": {"min_words": 0, "dedupe": False},
+        **({"captions_per_image": k} if k else {}),
+    }
 
 
 def test_blip_sampling_writes_k_captions_per_image_in_key_order(tmp_path, tiny_models):
     keys = make_image_shards(tmp_path / "run", shards=2, per_shard=4, corrupt=(5,))
-    manifest = write_caption_manifest(tmp_path, {"backend": "blip", "model": str(tiny_models["blip"]),
-                                                 "num_workers": 2, **_generation(k=3)})
+    manifest = write_caption_manifest(
+        tmp_path, {"backend": "blip", "model": str(tiny_models["blip"]), "num_workers": 2, **_generation(k=3)}
+    )
     assert _run(manifest) == 0
     for unit, unit_keys in zip(("000000", "000001"), keys):
         table = pq.read_table(tmp_path / "run" / "captions" / "blip" / f"{unit}.parquet")
@@ -54,19 +59,31 @@ def test_blip_sampling_writes_k_captions_per_image_in_key_order(tmp_path, tiny_m
     assert marker["counts"] == {"images": 4, "captions": 9, "images_without_captions": 1, "corrupt_images": 1}
 
 
-@pytest.mark.parametrize("backend,model,options,per_image", [
-    ("blip", "blip2", {"decoding": "beam", "k": 2}, 2),
-    ("llava", "llava", {"decoding": "prompts", "prompts": ["Describe the image in one sentence.", "what is this"]}, 2),
-    ("llava", "llava", {"decoding": "sample", "k": 3}, 3),
-])
+@pytest.mark.parametrize(
+    "backend,model,options,per_image",
+    [
+        ("blip", "blip2", {"decoding": "beam", "k": 2}, 2),
+        (
+            "llava",
+            "llava",
+            {"decoding": "prompts", "prompts": ["Describe the image in one sentence.", "what is this"]},
+            2,
+        ),
+        ("llava", "llava", {"decoding": "sample", "k": 3}, 3),
+    ],
+)
 def test_blip2_and_llava(tmp_path, tiny_models, backend, model, options, per_image):
     make_image_shards(tmp_path / "run", shards=1, per_shard=3)
-    manifest = write_caption_manifest(tmp_path, {"backend": backend, "model": str(tiny_models[model]),
-                                                 "captions": model, **_generation(**options)})
+    manifest = write_caption_manifest(
+        tmp_path,
+        {"backend": backend, "model": str(tiny_models[model]), "captions": model, **_generation(**options)},
+    )
     assert _run(manifest) == 0
     rows = _rows(tmp_path / "run", model, "000000")
     assert [len(r["captions"]) for r in rows] == [per_image] * 3
-    assert rows[0]["prompts"] == options.get("prompts", ["Describe the image in one sentence."] if backend == "llava" else [])
+    assert rows[0]["prompts"] == options.get(
+        "prompts", ["Describe the image in one sentence."] if backend == "llava" else []
+    )
     for row in rows:  # the prompt is stripped from the output
         assert not any(c.startswith(("USER:", "Describe the image")) for c in row["captions"])
 
@@ -79,20 +96,38 @@ def _decoded_pixels(root: Path, clip) -> tuple[list[str], torch.Tensor]:
 
 
 def _retrieval_manifest(folder: Path, tiny_models: dict, bank: Path, **extra) -> Path:
-    retrieval = {"pretrained": str(tiny_models["clip_checkpoint"]), "config_dir": str(tiny_models["clip_configs"]),
-                 "bank": str(bank), **extra}
-    return write_caption_manifest(folder, {"backend": "retrieval", "model": tiny_models["clip_arch"],
-                                           "captions_per_image": 4, "retrieval": retrieval})
+    retrieval = {
+        "pretrained": str(tiny_models["clip_checkpoint"]),
+        "config_dir": str(tiny_models["clip_configs"]),
+        "bank": str(bank),
+        **extra,
+    }
+    return write_caption_manifest(
+        folder,
+        {
+            "backend": "retrieval",
+            "model": tiny_models["clip_arch"],
+            "captions_per_image": 4,
+            "retrieval": retrieval,
+        },
+    )
 
 
 def test_retrieval_equals_brute_force_top_k_above_threshold(tmp_path, tiny_models):
     from captioning.clip_models import load_clip
 
     make_image_shards(tmp_path / "run", shards=2, per_shard=5)
-    phrases = [f"a {c} {s} on {b}" for c in ("red", "blue", "green") for s in ("circle", "square") for b in ("cyan", "dark")]
+    phrases = [
+        f"a {c} {s} on {b}"
+        for c in ("red", "blue", "green")
+        for s in ("circle", "square")
+        for b in ("cyan", "dark")
+    ]
     bank = tmp_path / "bank.txt"
     bank.write_text("\n".join(phrases + phrases[:4] + [""]) + "\n")  # exact duplicates and an empty line
-    clip = load_clip(tiny_models["clip_arch"], str(tiny_models["clip_checkpoint"]), tiny_models["clip_configs"])
+    clip = load_clip(
+        tiny_models["clip_arch"], str(tiny_models["clip_checkpoint"]), tiny_models["clip_configs"]
+    )
     keys, pixels = _decoded_pixels(tmp_path / "run", clip)
     sims = clip.encode_images(pixels).numpy() @ clip.encode_texts(phrases).T
     threshold = float(np.quantile(sims, 0.6))
@@ -115,11 +150,21 @@ def test_score_with_min_score_and_keep_top(tmp_path, tiny_models):
     from captioning.clip_models import load_clip
 
     make_image_shards(tmp_path / "run", shards=1, per_shard=3)
-    clip_spec = {"model": tiny_models["clip_arch"], "pretrained": str(tiny_models["clip_checkpoint"]),
-                 "config_dir": str(tiny_models["clip_configs"])}
+    clip_spec = {
+        "model": tiny_models["clip_arch"],
+        "pretrained": str(tiny_models["clip_checkpoint"]),
+        "config_dir": str(tiny_models["clip_configs"]),
+    }
     scoring = {**clip_spec, "min_score": -1.0, "keep_top": 2}
-    manifest = write_caption_manifest(tmp_path, {"backend": "blip", "model": str(tiny_models["blip"]), "scoring": scoring,
-                                                 **_generation(k=4, decoding="beam")})
+    manifest = write_caption_manifest(
+        tmp_path,
+        {
+            "backend": "blip",
+            "model": str(tiny_models["blip"]),
+            "scoring": scoring,
+            **_generation(k=4, decoding="beam"),
+        },
+    )
     assert _run(manifest) == 0
     rows = _rows(tmp_path / "run", "blip", "000000")
     clip = load_clip(clip_spec["model"], clip_spec["pretrained"], clip_spec["config_dir"])
@@ -146,16 +191,26 @@ def test_rerun_is_a_noop_and_a_deleted_marker_redoes_one_shard(tmp_path):
 
 
 def test_kill_mid_stage_then_resume_equals_uninterrupted(tmp_path, tiny_models):
-    caption = {"backend": "blip", "model": str(tiny_models["blip"]), "num_workers": 1, **_generation(k=2, decoding="beam")}
+    caption = {
+        "backend": "blip",
+        "model": str(tiny_models["blip"]),
+        "num_workers": 1,
+        **_generation(k=2, decoding="beam"),
+    }
     for root in ("straight", "killed"):
         make_image_shards(tmp_path / root, shards=16, per_shard=6)
         write_caption_manifest(tmp_path, caption, root=root, name=f"{root}.yaml")
     assert _run(tmp_path / "straight.yaml") == 0
 
     done = tmp_path / "killed" / "captions" / "blip" / "_done"
-    process = subprocess.Popen([sys.executable, "-m", "stages.caption", str(tmp_path / "killed.yaml")],
-                               cwd=tmp_path, env=cli_env(), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stages.caption", str(tmp_path / "killed.yaml")],
+        cwd=tmp_path,
+        env=cli_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not list(done.glob("*.json")) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -170,30 +225,58 @@ def test_kill_mid_stage_then_resume_equals_uninterrupted(tmp_path, tiny_models):
     assert not list((tmp_path / "killed" / "captions").rglob("*.tmp"))
 
 
-@pytest.mark.parametrize("caption,message", [
-    ({"backend": "blip", "model": "./no-such-model"}, "caption model not found"),
-    ({"backend": "retrieval", "model": "ViT-B-32", "retrieval": {"bank": "missing.txt"}}, "caption bank not found"),
-    ({"backend": "retrieval", "model": "mcip-tiny-vit", "retrieval": {"bank": "empty.txt"}}, "caption bank is empty"),
-    ({"backend": "retrieval", "model": "ViT-B-32"}, "backend 'retrieval' needs a `retrieval` section"),
-    ({"backend": "blip", "model": "x", "retrieval": {"bank": "empty.txt"}},
-     "stages.caption: retrieval: not used by backend 'blip' (it uses: captions_per_image, dtype, generation, model)"),
-    ({"backend": "alt_text", "model": "x", "generation": {}}, "generation, model: not used by backend 'alt_text'"),
-    ({"backend": "blip", "model": "x", "generation": {"decoding": "prompts"}},
-     "stages.caption.generation: decoding 'prompts' needs a non-empty `prompts` list"),
-    ({"backend": "blip", "model": "x", "generation": {"beams": 3}}, "stages.caption.generation.beams: unknown key"),
-    ({"backend": "alt_text", "captions": ".."}, "stages.caption.captions: string should match pattern"),
-    ({"backend": "alt_text", "captions": "alt"}, "captions: 'alt' is reserved for the downloaded alt text"),
-    ({"backend": "alt_text", "scoring": {"min_score": 0.2}}, "scoring.min_score needs CLIP scores"),
-    ({"backend": "gpt"}, "stages.caption.backend: must be one of"),
-    ({"backend": "blip", "captions_per_image": 0}, "stages.caption.captions_per_image: must be > 0, got 0"),
-    ({"backend": "blip"}, "backend 'blip' needs `model`"),
-    ({"backend": "blip", "model": "org/not-cached"}, "cannot load caption model 'org/not-cached'"),
-])
+@pytest.mark.parametrize(
+    "caption,message",
+    [
+        ({"backend": "blip", "model": "./no-such-model"}, "caption model not found"),
+        (
+            {"backend": "retrieval", "model": "ViT-B-32", "retrieval": {"bank": "missing.txt"}},
+            "caption bank not found",
+        ),
+        (
+            {"backend": "retrieval", "model": "mcip-tiny-vit", "retrieval": {"bank": "empty.txt"}},
+            "caption bank is empty",
+        ),
+        ({"backend": "retrieval", "model": "ViT-B-32"}, "backend 'retrieval' needs a `retrieval` section"),
+        (
+            {"backend": "blip", "model": "x", "retrieval": {"bank": "empty.txt"}},
+            "stages.caption: retrieval: not used by backend 'blip' "
+            "(it uses: captions_per_image, dtype, generation, model)",
+        ),
+        (
+            {"backend": "alt_text", "model": "x", "generation": {}},
+            "generation, model: not used by backend 'alt_text'",
+        ),
+        (
+            {"backend": "blip", "model": "x", "generation": {"decoding": "prompts"}},
+            "stages.caption.generation: decoding 'prompts' needs a non-empty `prompts` list",
+        ),
+        (
+            {"backend": "blip", "model": "x", "generation": {"beams": 3}},
+            "stages.caption.generation.beams: unknown key",
+        ),
+        ({"backend": "alt_text", "captions": ".."}, "stages.caption.captions: string should match pattern"),
+        (
+            {"backend": "alt_text", "captions": "alt"},
+            "captions: 'alt' is reserved for the downloaded alt text",
+        ),
+        ({"backend": "alt_text", "scoring": {"min_score": 0.2}}, "scoring.min_score needs CLIP scores"),
+        ({"backend": "gpt"}, "stages.caption.backend: must be one of"),
+        (
+            {"backend": "blip", "captions_per_image": 0},
+            "stages.caption.captions_per_image: must be > 0, got 0",
+        ),
+        ({"backend": "blip"}, "backend 'blip' needs `model`"),
+        ({"backend": "blip", "model": "org/not-cached"}, "cannot load caption model 'org/not-cached'"),
+    ],
+)
 def test_bad_input_is_a_clear_error(tmp_path, tiny_models, capsys, caption, message):
     make_image_shards(tmp_path / "run", shards=1, per_shard=2)
     (tmp_path / "empty.txt").write_text("\n\n")
     if caption.get("model") == "mcip-tiny-vit":
-        caption["retrieval"].update(pretrained=str(tiny_models["clip_checkpoint"]), config_dir=str(tiny_models["clip_configs"]))
+        caption["retrieval"].update(
+            pretrained=str(tiny_models["clip_checkpoint"]), config_dir=str(tiny_models["clip_configs"])
+        )
     manifest = write_caption_manifest(tmp_path, caption)
     assert _run(manifest) == 2
     last = capsys.readouterr().err.splitlines()[-1]  # log lines may come first; no traceback
@@ -221,12 +304,25 @@ def test_export_is_read_by_open_clip_trainer(tmp_path, tiny_models):
 
     open_clip.add_model_config(str(tiny_models["clip_configs"]))
     _, _, preprocess = open_clip.create_model_and_transforms(tiny_models["clip_arch"])
-    args = Namespace(train_data=str(tmp_path / "export" / "{000000..000002}.tar"), train_num_samples=None,
-                     dataset_resampled=False, train_data_upsampling_factors=None, seed=0, batch_size=2,
-                     world_size=1, workers=1)
-    data = get_wds_dataset(args, preprocess, is_train=True, tokenizer=open_clip.get_tokenizer(tiny_models["clip_arch"]))
+    args = Namespace(
+        train_data=str(tmp_path / "export" / "{000000..000002}.tar"),
+        train_num_samples=None,
+        dataset_resampled=False,
+        train_data_upsampling_factors=None,
+        seed=0,
+        batch_size=2,
+        world_size=1,
+        workers=1,
+    )
+    data = get_wds_dataset(
+        args, preprocess, is_train=True, tokenizer=open_clip.get_tokenizer(tiny_models["clip_arch"])
+    )
     assert data.dataloader.num_samples == 12
     images, texts = next(iter(data.dataloader))
     assert images.shape == (2, 3, 32, 32) and texts.shape == (2, 32)
     sample = next(iter_samples([tmp_path / "export" / "000001.tar"]))
-    assert sample["txt"] == b"alt 4" and json.loads(sample["json"])["captions"] == ["alt 4"] and sample["cls"] == b"1"
+    assert (
+        sample["txt"] == b"alt 4"
+        and json.loads(sample["json"])["captions"] == ["alt 4"]
+        and sample["cls"] == b"1"
+    )

@@ -1,4 +1,5 @@
 """Bad manifests and inputs through the real CLI: one-line error, non-zero exit, nothing written."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,14 +13,17 @@ def _manifest(tmp_path, **download):
     return write_manifest(tmp_path, download)
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"captons_per_image": 5}, "stages.download.captons_per_image: unknown key, got 5"),
-    ({"samples_per_shard": "many"}, "stages.download.samples_per_shard: input should be a valid integer"),
-    ({"samples_per_shard": -3}, "stages.download.samples_per_shard: must be > 0, got -3"),
-    ({"url_list": "gone.parquet"}, "stages.download.url_list: URL table not found"),
-    ({"url_col": "link"}, "urls.parquet: no column 'link'"),
-    ({"label_col": "class"}, "urls.parquet: no column 'class'"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"captons_per_image": 5}, "stages.download.captons_per_image: unknown key, got 5"),
+        ({"samples_per_shard": "many"}, "stages.download.samples_per_shard: input should be a valid integer"),
+        ({"samples_per_shard": -3}, "stages.download.samples_per_shard: must be > 0, got -3"),
+        ({"url_list": "gone.parquet"}, "stages.download.url_list: URL table not found"),
+        ({"url_col": "link"}, "urls.parquet: no column 'link'"),
+        ({"label_col": "class"}, "urls.parquet: no column 'class'"),
+    ],
+)
 @pytest.mark.parametrize("command", ["validate", "run"])
 def test_bad_manifest_is_one_line_and_writes_nothing(tmp_path, change, message, command):
     manifest = _manifest(tmp_path, **change)
@@ -59,11 +63,19 @@ def test_status_waits_only_for_an_upstream_stage_and_reports_a_bad_input(tmp_pat
     """A caption stage before its download is `waiting`; a missing evaluation folder is an error, not
     a wait (it would never arrive by running the pipeline)."""
     write_url_table(tmp_path / "urls.parquet", ["http://127.0.0.1:9/1.jpg"], labels=["a"])
-    stages = {"download": {"url_list": "urls.parquet"}, "caption": {"backend": "alt_text"},
-              "evaluate": {"model": "ViT-B-32", "models": [{"name": "random"}],
-                           "retrieval": {"gpr": {"layout": "gpr1200", "path": "no-such-folder"}}}}
+    stages = {
+        "download": {"url_list": "urls.parquet"},
+        "caption": {"backend": "alt_text"},
+        "evaluate": {
+            "model": "ViT-B-32",
+            "models": [{"name": "random"}],
+            "retrieval": {"gpr": {"layout": "gpr1200", "path": "no-such-folder"}},
+        },
+    }
     manifest = tmp_path / "m.yaml"
-    manifest.write_text(yaml.safe_dump({"run": {"root": "run"}, "stages": {k: stages[k] for k in ("download", "caption")}}))
+    manifest.write_text(
+        yaml.safe_dump({"run": {"root": "run"}, "stages": {k: stages[k] for k in ("download", "caption")}})
+    )
     status = run_cli("status", str(manifest), cwd=tmp_path)
     assert status.returncode == 0 and "caption: waiting (the download stage is not complete" in status.stdout
     manifest.write_text(yaml.safe_dump({"run": {"root": "run"}, "stages": stages}))
@@ -72,10 +84,13 @@ def test_status_waits_only_for_an_upstream_stage_and_reports_a_bad_input(tmp_pat
     assert status.stderr.startswith("error: ") and "no-such-folder" in status.stderr
 
 
-@pytest.mark.parametrize("env,message", [
-    ({"RANK": "abc", "WORLD_SIZE": "2"}, "environment variable RANK='abc' is not a whole number"),
-    ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK/WORLD_SIZE: rank 3 is not in [0, 2)"),
-])
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"RANK": "abc", "WORLD_SIZE": "2"}, "environment variable RANK='abc' is not a whole number"),
+        ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK/WORLD_SIZE: rank 3 is not in [0, 2)"),
+    ],
+)
 def test_bad_rank_variables_are_one_line(tmp_path, env, message):
     result = run_cli("validate", str(_manifest(tmp_path)), cwd=tmp_path, **env)
     assert result.returncode == 2 and result.stderr == f"error: {message}\n"

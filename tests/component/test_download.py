@@ -1,4 +1,5 @@
 """The download stage with real img2dataset against a real HTTP server on 127.0.0.1."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,13 +23,25 @@ from tests.conftest import cli_env, run_cli, snapshot, write_manifest, write_url
 def _bad_rows_table(folder: Path, server) -> dict:
     """12 good pictures, one duplicated URL and five bad rows; returns the expected outcome."""
     urls = [server.url(f"/img/{i}.jpg") for i in range(12)]
-    urls += [server.url("/img/3.jpg"), server.url("/missing.jpg"), server.url("/page.html"),
-             server.url("/truncated.jpg"), server.url("/huge.png"), ""]
+    urls += [
+        server.url("/img/3.jpg"),
+        server.url("/missing.jpg"),
+        server.url("/page.html"),
+        server.url("/truncated.jpg"),
+        server.url("/huge.png"),
+        "",
+    ]
     captions = [f"caption {i}" for i in range(len(urls))]
     labels = ["cat", "dog", "eel"] * 6
     write_url_table(folder / "urls.parquet", urls, captions, labels)
-    return {"rows": len(urls), "ok": 13, "failed": 5, "captions": captions, "labels": labels,
-            "failed_by_reason": {"http 404": 1, "not a decodable image": 2, "image too large": 1, "bad url": 1}}
+    return {
+        "rows": len(urls),
+        "ok": 13,
+        "failed": 5,
+        "captions": captions,
+        "labels": labels,
+        "failed_by_reason": {"http 404": 1, "not a decodable image": 2, "image too large": 1, "bad url": 1},
+    }
 
 
 def _done(root: Path) -> dict[str, dict]:
@@ -121,8 +134,11 @@ def test_changed_setting_is_refused_then_forced(bad_rows_run):
 
 
 def _slow_table(folder: Path, server, rows: int = 40) -> None:
-    write_url_table(folder / "urls.parquet", [server.url(f"/slow/{i}.jpg") for i in range(rows)],
-                    labels=[i % 4 for i in range(rows)])
+    write_url_table(
+        folder / "urls.parquet",
+        [server.url(f"/slow/{i}.jpg") for i in range(rows)],
+        labels=[i % 4 for i in range(rows)],
+    )
 
 
 def test_kill_mid_run_then_resume_equals_uninterrupted(tmp_path, image_server):
@@ -132,9 +148,14 @@ def test_kill_mid_run_then_resume_equals_uninterrupted(tmp_path, image_server):
     assert run_cli("run", str(straight), cwd=tmp_path).returncode == 0
 
     killed = write_manifest(tmp_path, settings, root="killed", name="killed.yaml")
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(killed)], cwd=tmp_path,
-                               env=cli_env(), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(killed)],
+        cwd=tmp_path,
+        env=cli_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not _done(tmp_path / "killed") and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -181,9 +202,16 @@ def test_retry_failed_downloads_only_failed_rows_into_new_shards(tmp_path, image
 def test_two_ranks_split_shards_without_overlap(tmp_path, image_server):
     write_url_table(tmp_path / "urls.parquet", [image_server.url(f"/img/{i}.jpg") for i in range(20)])
     manifest = write_manifest(tmp_path, {})
-    ranks = [subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(manifest)], cwd=tmp_path,
-                              env=cli_env(RANK=str(r), WORLD_SIZE="2"), stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", str(manifest)],
+            cwd=tmp_path,
+            env=cli_env(RANK=str(r), WORLD_SIZE="2"),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     for process in ranks:
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err

@@ -1,5 +1,6 @@
 """Engines for real: DeepSpeed ZeRO-2 through accelerate with 2 processes on gloo, and plain torch,
 running MCIP steps on a tiny open_clip model (tests/helpers/engine_check.py)."""
+
 from __future__ import annotations
 
 import json
@@ -25,11 +26,30 @@ def _assert_trained_the_image_tower_only(result):
 
 
 def test_deepspeed_zero2_two_processes(tmp_path, tiny_models):
-    args = [str(tmp_path / "out"), tiny_models["clip_arch"], str(tiny_models["clip_checkpoint"]),
-            str(tiny_models["clip_configs"]), str(REPO / "launch" / "deepspeed" / "zero2.json")]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29611", str(CHECK), *args], env=cli_env(), capture_output=True,
-                         text=True, timeout=900)
+    args = [
+        str(tmp_path / "out"),
+        tiny_models["clip_arch"],
+        str(tiny_models["clip_checkpoint"]),
+        str(tiny_models["clip_configs"]),
+        str(REPO / "launch" / "deepspeed" / "zero2.json"),
+    ]
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29611",
+            str(CHECK),
+            *args,
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     results = _results(tmp_path / "out", 2)
     for result in results:
@@ -40,9 +60,15 @@ def test_deepspeed_zero2_two_processes(tmp_path, tiny_models):
 
 
 def test_plain_engine_single_process(tmp_path, tiny_models):
-    args = [str(tmp_path / "out"), tiny_models["clip_arch"], str(tiny_models["clip_checkpoint"]),
-            str(tiny_models["clip_configs"])]
-    run = subprocess.run([sys.executable, str(CHECK), *args], env=cli_env(), capture_output=True, text=True, timeout=600)
+    args = [
+        str(tmp_path / "out"),
+        tiny_models["clip_arch"],
+        str(tiny_models["clip_checkpoint"]),
+        str(tiny_models["clip_configs"]),
+    ]
+    run = subprocess.run(
+        [sys.executable, str(CHECK), *args], env=cli_env(), capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     (result,) = _results(tmp_path / "out", 1)
     _assert_trained_the_image_tower_only(result)

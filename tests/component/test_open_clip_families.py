@@ -8,6 +8,7 @@ the exported models strict-load into `open_clip.create_model_and_transforms(arch
 evaluate's `load_clip` embeds images and texts. Plus: gpr finetune and sigmoid-loss realign on
 SigLIP, the sigmoid loss refused on a model without logit_bias, and an unsupported model class.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,11 +48,19 @@ class FamilyRun:
 
     def manifest(self, name: str, finetune: dict | None = None, realign: dict | None = None) -> Path:
         model = {"model": self.arch, "pretrained": str(self.checkpoint), "config_dir": str(self.config_dir)}
-        stages = {"caption": {"backend": "alt_text", "num_workers": 0},
-                  "finetune": {**model, "captions": "alt_text", "batch_size": 4, "epochs": 1, "lr": 1e-3,
-                               "num_workers": 0, **(finetune or {})},
-                  "realign": {"batch_size": 4, "max_steps": 2, "lr": 2e-3, "num_workers": 0,
-                              **(realign or {})}}
+        stages = {
+            "caption": {"backend": "alt_text", "num_workers": 0},
+            "finetune": {
+                **model,
+                "captions": "alt_text",
+                "batch_size": 4,
+                "epochs": 1,
+                "lr": 1e-3,
+                "num_workers": 0,
+                **(finetune or {}),
+            },
+            "realign": {"batch_size": 4, "max_steps": 2, "lr": 2e-3, "num_workers": 0, **(realign or {})},
+        }
         path = self.folder / name
         path.write_text(yaml.safe_dump({"run": {"root": "run", "seed": 0}, "stages": stages}))
         return path

@@ -1,5 +1,6 @@
 """finetune and realign with a tiny open_clip model: what trains, what stays frozen, exact resume,
 and 2 processes under DeepSpeed ZeRO-2 (gloo) through torchrun."""
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,37 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path)["state_dict"]
 
 
-def _manifest(folder: Path, tiny_models: dict, finetune: dict | None = None, realign: dict | None = None,
-              root: str = "run", name: str = "m.yaml") -> Path:
-    stages = {"caption": {"backend": "alt_text", "num_workers": 0},
-              "finetune": {"model": tiny_models["clip_arch"], "pretrained": str(tiny_models["clip_checkpoint"]),
-                           "config_dir": str(tiny_models["clip_configs"]), "captions": "alt_text", "batch_size": 4,
-                           "epochs": 2, "lr": 1e-3, "checkpoint_every": 3, "num_workers": 0, **(finetune or {})},
-              "realign": {"batch_size": 4, "max_steps": 6, "lr": 2e-3, "checkpoint_every": 3, "num_workers": 0,
-                          **(realign or {})}}
+def _manifest(
+    folder: Path,
+    tiny_models: dict,
+    finetune: dict | None = None,
+    realign: dict | None = None,
+    root: str = "run",
+    name: str = "m.yaml",
+) -> Path:
+    stages = {
+        "caption": {"backend": "alt_text", "num_workers": 0},
+        "finetune": {
+            "model": tiny_models["clip_arch"],
+            "pretrained": str(tiny_models["clip_checkpoint"]),
+            "config_dir": str(tiny_models["clip_configs"]),
+            "captions": "alt_text",
+            "batch_size": 4,
+            "epochs": 2,
+            "lr": 1e-3,
+            "checkpoint_every": 3,
+            "num_workers": 0,
+            **(finetune or {}),
+        },
+        "realign": {
+            "batch_size": 4,
+            "max_steps": 6,
+            "lr": 2e-3,
+            "checkpoint_every": 3,
+            "num_workers": 0,
+            **(realign or {}),
+        },
+    }
     path = folder / name
     path.write_text(yaml.safe_dump({"run": {"root": root, "seed": 0}, "stages": stages}))
     return path
@@ -54,10 +78,14 @@ def test_finetune_trains_only_the_image_tower_then_realign_only_text_layers(tmp_
             assert torch.equal(tensor, pretrained[name]), f"finetune changed {name}"
     assert not torch.equal(finetuned["visual.conv1.weight"], pretrained["visual.conv1.weight"])
     for name, tensor in realigned.items():
-        if name.startswith(("visual.", "transformer.resblocks.0.", "token_embedding", "positional_embedding")):
+        if name.startswith(
+            ("visual.", "transformer.resblocks.0.", "token_embedding", "positional_embedding")
+        ):
             assert torch.equal(tensor, finetuned[name]), f"realign changed {name}"
-    assert not torch.equal(realigned["transformer.resblocks.1.attn.in_proj_weight"],
-                           finetuned["transformer.resblocks.1.attn.in_proj_weight"])
+    assert not torch.equal(
+        realigned["transformer.resblocks.1.attn.in_proj_weight"],
+        finetuned["transformer.resblocks.1.attn.in_proj_weight"],
+    )
     metrics = [json.loads(line) for line in (tmp_path / "run" / "finetune" / "mcip" / "metrics.jsonl").open()]
     assert [m["step"] for m in metrics] == list(range(1, 13)) and all(m["loss"] == m["loss"] for m in metrics)
     assert (loss == "mcip") == ("multi_caption" in metrics[0])
@@ -84,9 +112,14 @@ def test_interrupted_finetune_resumes_to_identical_parameters(tmp_path, tiny_mod
 
     out = tmp_path / "interrupted" / "finetune" / "mcip"
     assert cli(["run", str(tmp_path / "interrupted.yaml"), "--stage", "caption"]) == 0
-    process = subprocess.Popen([sys.executable, "-m", "stages.finetune", str(tmp_path / "interrupted.yaml")],
-                               cwd=tmp_path, env=cli_env(), start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stages.finetune", str(tmp_path / "interrupted.yaml")],
+        cwd=tmp_path,
+        env=cli_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     _kill_when("ckpt/step-*/meta.json", out, process, sig)
     if sig == signal.SIGUSR1:
         assert process.returncode == 0  # checkpointed and stopped cleanly
@@ -105,13 +138,36 @@ def test_interrupted_finetune_resumes_to_identical_parameters(tmp_path, tiny_mod
 def test_deepspeed_two_processes_finetune_and_realign(tmp_path, tiny_models):
     _images(tmp_path / "run", shards=4, per_shard=8)
     zero2 = str(REPO / "launch" / "deepspeed" / "zero2.json")
-    manifest = _manifest(tmp_path, tiny_models, finetune={"deepspeed": zero2, "epochs": 1},
-                         realign={"deepspeed": zero2, "max_steps": 3})
+    manifest = _manifest(
+        tmp_path,
+        tiny_models,
+        finetune={"deepspeed": zero2, "epochs": 1},
+        realign={"deepspeed": zero2, "max_steps": 3},
+    )
     assert cli(["run", str(manifest), "--stage", "caption"]) == 0
     for stage in ("finetune", "realign"):
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_port", "29633", "-m", "pipeline", "run", str(manifest), "--stage", stage],
-                             cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=900)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                "29633",
+                "-m",
+                "pipeline",
+                "run",
+                str(manifest),
+                "--stage",
+                stage,
+            ],
+            cwd=tmp_path,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
     finetuned = _state(tmp_path / "run" / "finetune" / "mcip" / "final" / "model.pt")
     realigned = _state(tmp_path / "run" / "realign" / "mcip" / "final" / "model.pt")
@@ -135,10 +191,25 @@ def test_deepspeed_resume_after_sigusr1_equals_straight_run(tmp_path, tiny_model
         assert cli(["run", str(tmp_path / f"{root}.yaml"), "--stage", "caption"]) == 0
 
     def launch(root: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                 "--master_port", "29644", "-m", "stages.finetune", str(tmp_path / f"{root}.yaml")],
-                                cwd=tmp_path, env=cli_env(), start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                "29644",
+                "-m",
+                "stages.finetune",
+                str(tmp_path / f"{root}.yaml"),
+            ],
+            cwd=tmp_path,
+            env=cli_env(),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     assert launch("straight").wait(timeout=900) == 0
     out = tmp_path / "interrupted" / "finetune" / "mcip"

@@ -5,6 +5,7 @@
 Writes OUT_DIR/rank<r>.json: losses per step, whether the text tower stayed bit-identical, whether
 the image tower changed, a checksum of the proxies and the peak resident memory (benchmarks/train.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,13 @@ def main() -> None:
     module = WithProxies(clip.model, classes=3)
     text_before = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     image_before = module.clip.visual.conv1.weight.detach().clone()
-    groups = [{"params": [p for n, p in module.named_parameters() if p.requires_grad and n != "proxies"], "lr": 1e-3},
-              {"params": [module.proxies], "lr": 1e-1}]
+    groups = [
+        {
+            "params": [p for n, p in module.named_parameters() if p.requires_grad and n != "proxies"],
+            "lr": 1e-3,
+        },
+        {"params": [module.proxies], "lr": 1e-1},
+    ]
     engine = make_engine(ds_config, micro_batch=4, grad_clip=1.0)
     model, optimizer = engine.prepare(module, torch.optim.AdamW(groups, weight_decay=0.01))
     generator = torch.Generator().manual_seed(100 + engine.rank)
@@ -45,18 +51,25 @@ def main() -> None:
         image_emb = inner.clip.encode_image(images.to(engine.device))
         with torch.no_grad():
             caption_emb = inner.clip.encode_text(tokens.to(engine.device))
-        loss = 0.75 * arc_margin_loss(image_emb, labels, inner.proxies) + 0.25 * multi_caption_loss(image_emb, caption_emb, owner)
+        loss = 0.75 * arc_margin_loss(image_emb, labels, inner.proxies) + 0.25 * multi_caption_loss(
+            image_emb, caption_emb, owner
+        )
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
     inner = engine.unwrap(model)
     gathered = gather_with_grad(torch.full((2, 1), float(engine.rank)))
-    result = {"losses": losses,
-              "text_identical": all(torch.equal(p, text_before[n]) for n, p in inner.named_parameters() if n in text_before),
-              "image_changed": not torch.equal(inner.clip.visual.conv1.weight.detach(), image_before),
-              "proxies_sum": float(inner.proxies.detach().sum()), "gathered": gathered.flatten().tolist(),
-              "world_size": engine.world_size,
-              "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    result = {
+        "losses": losses,
+        "text_identical": all(
+            torch.equal(p, text_before[n]) for n, p in inner.named_parameters() if n in text_before
+        ),
+        "image_changed": not torch.equal(inner.clip.visual.conv1.weight.detach(), image_before),
+        "proxies_sum": float(inner.proxies.detach().sum()),
+        "gathered": gathered.flatten().tolist(),
+        "world_size": engine.world_size,
+        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{engine.rank}.json").write_text(json.dumps(result))
 

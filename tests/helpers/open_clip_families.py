@@ -18,6 +18,7 @@ published checkpoints (open_clip's model_configs/), only smaller:
 `unlocked` lists the state-dict prefixes re-alignment with `unlocked_layers: 1` may change (last text
 block, what follows it, logit scale), written out by hand from open_clip's module layout.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ from typing import Callable
 
 import torch
 
-WORDS = ("a an the photo picture image of with on in and red green blue yellow square circle triangle "
-         "star small large background object shape colour alt").split() + [str(n) for n in range(100)]
+WORDS = (
+    "a an the photo picture image of with on in and red green blue yellow square circle triangle "
+    "star small large background object shape colour alt"
+).split() + [str(n) for n in range(100)]
 CONTEXT = 16
 TINY_VIT = {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32}
 TINY_TEXT = {"context_length": CONTEXT, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
@@ -56,7 +59,8 @@ def _tokenizer(folder: Path, specials: dict[str, str], template: str | None) -> 
     if template:
         names = [t for t in template.split() if t != "$A"]
         tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single=template, special_tokens=[(t, tokenizer.convert_tokens_to_ids(t)) for t in names])
+            single=template, special_tokens=[(t, tokenizer.convert_tokens_to_ids(t)) for t in names]
+        )
     tokenizer.save_pretrained(folder)
     return len(tokenizer)
 
@@ -66,23 +70,50 @@ def _siglip(folder: Path) -> dict:
     specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
     vocab = _tokenizer(tokenizer, specials, "$A </s>")
     # timm's test_vit3: class_token=False, MAP pooling (attention pool), like vit_so400m_patch14_siglip_384
-    return {"embed_dim": 96, "init_logit_bias": -10, "custom_text": True,
-            "vision_cfg": {"image_size": 160, "timm_model_name": "test_vit3", "timm_model_pretrained": False,
-                           "timm_pool": "map", "timm_proj": "none"},
-            "text_cfg": {"context_length": CONTEXT, "vocab_size": vocab, "hf_tokenizer_name": str(tokenizer),
-                         "tokenizer_kwargs": {"clean": "canonicalize"}, "width": 96, "heads": 2,
-                         "layers": 2, "mlp_ratio": 3.7362, "no_causal_mask": True, "proj_bias": True,
-                         "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
-                         "act_kwargs": {"approximate": "tanh"}}}
+    return {
+        "embed_dim": 96,
+        "init_logit_bias": -10,
+        "custom_text": True,
+        "vision_cfg": {
+            "image_size": 160,
+            "timm_model_name": "test_vit3",
+            "timm_model_pretrained": False,
+            "timm_pool": "map",
+            "timm_proj": "none",
+        },
+        "text_cfg": {
+            "context_length": CONTEXT,
+            "vocab_size": vocab,
+            "hf_tokenizer_name": str(tokenizer),
+            "tokenizer_kwargs": {"clean": "canonicalize"},
+            "width": 96,
+            "heads": 2,
+            "layers": 2,
+            "mlp_ratio": 3.7362,
+            "no_causal_mask": True,
+            "proj_bias": True,
+            "pool_type": "last",
+            "norm_kwargs": {"eps": 1e-6},
+            "act_kwargs": {"approximate": "tanh"},
+        },
+    }
 
 
 def _coca(folder: Path) -> dict:
-    return {"embed_dim": 32, "custom_text": True,
-            "vision_cfg": {**TINY_VIT, "attentional_pool": True, "attn_pooler_heads": 2,
-                           "output_tokens": True},
-            "text_cfg": {**TINY_TEXT, "embed_cls": True, "output_tokens": True},
-            "multimodal_cfg": {"context_length": CONTEXT, "vocab_size": 49408, "width": 64, "heads": 2,
-                               "layers": 1, "attn_pooler_heads": 2}}
+    return {
+        "embed_dim": 32,
+        "custom_text": True,
+        "vision_cfg": {**TINY_VIT, "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+        "text_cfg": {**TINY_TEXT, "embed_cls": True, "output_tokens": True},
+        "multimodal_cfg": {
+            "context_length": CONTEXT,
+            "vocab_size": 49408,
+            "width": 64,
+            "heads": 2,
+            "layers": 1,
+            "attn_pooler_heads": 2,
+        },
+    }
 
 
 def _xlmr(folder: Path) -> dict:
@@ -91,14 +122,29 @@ def _xlmr(folder: Path) -> dict:
     hf = folder / "xlm-roberta"
     specials = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
     vocab = _tokenizer(hf, specials, "<s> $A </s>")  # pad id 1, as RoBERTa's
-    config = XLMRobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              intermediate_size=64, max_position_embeddings=CONTEXT + 4, pad_token_id=1,
-                              bos_token_id=0, eos_token_id=2)
+    config = XLMRobertaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=CONTEXT + 4,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
     XLMRobertaModel(config, add_pooling_layer=False).save_pretrained(hf)  # mean pooling: no HF pooler
-    return {"embed_dim": 32, "vision_cfg": TINY_VIT,
-            "text_cfg": {"hf_model_name": str(hf), "hf_tokenizer_name": str(hf),
-                         "hf_pooler_type": "mean_pooler", "hf_model_pretrained": False,
-                         "context_length": CONTEXT}}
+    return {
+        "embed_dim": 32,
+        "vision_cfg": TINY_VIT,
+        "text_cfg": {
+            "hf_model_name": str(hf),
+            "hf_tokenizer_name": str(hf),
+            "hf_pooler_type": "mean_pooler",
+            "hf_model_pretrained": False,
+            "context_length": CONTEXT,
+        },
+    }
 
 
 def _bert(folder: Path) -> dict:
@@ -107,13 +153,28 @@ def _bert(folder: Path) -> dict:
     hf = folder / "bert"
     specials = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
     vocab = _tokenizer(hf, specials, "[CLS] $A [SEP]")
-    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=CONTEXT + 4, pad_token_id=0)
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=CONTEXT + 4,
+        pad_token_id=0,
+    )
     BertModel(config).save_pretrained(hf)
-    return {"embed_dim": 32, "vision_cfg": TINY_VIT,
-            "text_cfg": {"hf_model_name": str(hf), "hf_tokenizer_name": str(hf),
-                         "hf_pooler_type": "cls_pooler", "hf_proj_type": "linear",
-                         "hf_model_pretrained": False, "context_length": CONTEXT}}
+    return {
+        "embed_dim": 32,
+        "vision_cfg": TINY_VIT,
+        "text_cfg": {
+            "hf_model_name": str(hf),
+            "hf_tokenizer_name": str(hf),
+            "hf_pooler_type": "cls_pooler",
+            "hf_proj_type": "linear",
+            "hf_model_pretrained": False,
+            "context_length": CONTEXT,
+        },
+    }
 
 
 TINY_RESNET = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16}
@@ -122,20 +183,57 @@ _TOWER_LAST = "text.transformer.resblocks.1."
 _HF_LAST = "text.transformer.encoder.layer.1."
 _FLAT_CLIP = (_FLAT_LAST, "ln_final.", "text_projection", "logit_scale")
 _TOWER = (_TOWER_LAST, "text.ln_final.", "text.text_projection", "logit_scale")
-FAMILIES = {f.name: f for f in (
-    Family("vit", "CLIP", "CLIP", _FLAT_CLIP, _FLAT_LAST, "text_projection",
-           lambda folder: {"embed_dim": 32, "vision_cfg": TINY_VIT, "text_cfg": TINY_TEXT}),
-    Family("resnet", "CLIP", "CLIP", _FLAT_CLIP, _FLAT_LAST, "text_projection",
-           lambda folder: {"embed_dim": 32, "vision_cfg": TINY_RESNET, "text_cfg": TINY_TEXT}),
-    Family("siglip", "CustomTextCLIP", "TextTransformer", _TOWER, _TOWER_LAST, "text.text_projection.bias",
-           _siglip),
-    Family("coca", "CoCa", "TextTransformer", _TOWER, _TOWER_LAST, "text.text_projection", _coca),
-    Family("xlmr", "CustomTextCLIP", "HFTextEncoder", (_HF_LAST, "text.proj.", "logit_scale"),
-           _HF_LAST, "text.proj.0.weight", _xlmr),
-    Family("bert", "CustomTextCLIP", "HFTextEncoder",
-           (_HF_LAST, "text.transformer.pooler.", "text.proj.", "logit_scale"), _HF_LAST, "text.proj.weight",
-           _bert),
-)}
+FAMILIES = {
+    f.name: f
+    for f in (
+        Family(
+            "vit",
+            "CLIP",
+            "CLIP",
+            _FLAT_CLIP,
+            _FLAT_LAST,
+            "text_projection",
+            lambda folder: {"embed_dim": 32, "vision_cfg": TINY_VIT, "text_cfg": TINY_TEXT},
+        ),
+        Family(
+            "resnet",
+            "CLIP",
+            "CLIP",
+            _FLAT_CLIP,
+            _FLAT_LAST,
+            "text_projection",
+            lambda folder: {"embed_dim": 32, "vision_cfg": TINY_RESNET, "text_cfg": TINY_TEXT},
+        ),
+        Family(
+            "siglip",
+            "CustomTextCLIP",
+            "TextTransformer",
+            _TOWER,
+            _TOWER_LAST,
+            "text.text_projection.bias",
+            _siglip,
+        ),
+        Family("coca", "CoCa", "TextTransformer", _TOWER, _TOWER_LAST, "text.text_projection", _coca),
+        Family(
+            "xlmr",
+            "CustomTextCLIP",
+            "HFTextEncoder",
+            (_HF_LAST, "text.proj.", "logit_scale"),
+            _HF_LAST,
+            "text.proj.0.weight",
+            _xlmr,
+        ),
+        Family(
+            "bert",
+            "CustomTextCLIP",
+            "HFTextEncoder",
+            (_HF_LAST, "text.transformer.pooler.", "text.proj.", "logit_scale"),
+            _HF_LAST,
+            "text.proj.weight",
+            _bert,
+        ),
+    )
+}
 
 
 def save_family(family: Family, folder: Path, seed: int = 0) -> tuple[str, Path, Path]:

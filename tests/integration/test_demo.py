@@ -4,6 +4,7 @@ Real parts throughout: the world's pictures served on 127.0.0.1 and downloaded b
 pre-trained world CLIP loaded from its checkpoint file, retrieval captions, MCIP fine-tuning,
 re-alignment and the evaluate stage with its report and plots.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,11 @@ import yaml
 from tests.conftest import REPO, cli_env, run_cli, snapshot
 
 DEMO_YAML = REPO / "examples" / "demo.yaml"
-SMALLER = {"finetune": {"epochs": 1, "max_steps": 4, "batch_size": 8, "checkpoint_every": 2},
-           "realign": {"epochs": 1, "max_steps": 4, "batch_size": 8, "checkpoint_every": 2},
-           "caption": {"batch_size": 32}}
+SMALLER = {
+    "finetune": {"epochs": 1, "max_steps": 4, "batch_size": 8, "checkpoint_every": 2},
+    "realign": {"epochs": 1, "max_steps": 4, "batch_size": 8, "checkpoint_every": 2},
+    "caption": {"batch_size": 32},
+}
 
 
 def reduced_manifest(folder: Path, root: str = "run", shared: Path | None = None, **download) -> Path:
@@ -27,7 +30,9 @@ def reduced_manifest(folder: Path, root: str = "run", shared: Path | None = None
     run root, as in the demo), the training cut to a few steps, and download settings overridden."""
     shared = shared or folder / root
     text = DEMO_YAML.read_text().replace("root: ../runs/demo", f"root: {folder / root}")
-    data = yaml.safe_load(text.replace("../runs/demo", str(shared)).replace("config_dir: ../", f"config_dir: {REPO}/"))
+    data = yaml.safe_load(
+        text.replace("../runs/demo", str(shared)).replace("config_dir: ../", f"config_dir: {REPO}/")
+    )
     for stage, values in SMALLER.items():
         data["stages"][stage].update(values)
     data["stages"]["download"].update(download)
@@ -37,8 +42,16 @@ def reduced_manifest(folder: Path, root: str = "run", shared: Path | None = None
 
 
 def run_demo(manifest: Path, cwd: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "examples.demo", "--manifest", str(manifest), "--tiny-world",
-               "--pretrain-steps", "40"]
+    command = [
+        sys.executable,
+        "-m",
+        "examples.demo",
+        "--manifest",
+        str(manifest),
+        "--tiny-world",
+        "--pretrain-steps",
+        "40",
+    ]
     return subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
 
 
@@ -60,7 +73,10 @@ def test_demo_end_to_end_at_reduced_size_then_a_no_op(demo_run):
     assert list(metrics) == ["baseline", "mcip", "mcip+re-a"]
     for values in metrics.values():
         assert 0 < values["i2i_map"]["world"] <= 1 and 0 <= values["knn_top1"] <= 1
-        assert set(values["zero_shot"]) == {"top1", "top5"} and values["zero_shot"]["top5"] >= values["zero_shot"]["top1"]
+        assert (
+            set(values["zero_shot"]) == {"top1", "top5"}
+            and values["zero_shot"]["top5"] >= values["zero_shot"]["top1"]
+        )
         assert set(values["text_to_image"]) == {"R@1", "R@5", "R@10", "mAP"}
     assert metrics["baseline"] != metrics["mcip"]  # the fine-tuned image tower embeds differently
     report = (out / "report.md").read_text()
@@ -83,15 +99,25 @@ def test_a_wheel_install_validates_and_evaluates_the_demo(demo_run, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     wheel_dir, venv = tmp_path / "wheel", tmp_path / "venv"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(REPO)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     site = next(venv.glob("lib/python*/site-packages"))
     deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and (p / "torch").is_dir())
-    (site / "third_party.pth").write_text(f"{deps}\n")  # a path line: that folder's own .pth files stay unread
+    (site / "third_party.pth").write_text(
+        f"{deps}\n"
+    )  # a path line: that folder's own .pth files stay unread
     wheel = next(wheel_dir.glob("mcip_pipeline-*.whl"))
-    subprocess.run([*pip, "--python", str(venv / "bin" / "python"), "install", "--no-deps", str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [*pip, "--python", str(venv / "bin" / "python"), "install", "--no-deps", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
 
     data = yaml.safe_load(manifest.read_text())
     data["stages"]["evaluate"]["name"] = "from-wheel"
@@ -99,15 +125,35 @@ def test_a_wheel_install_validates_and_evaluates_the_demo(demo_run, tmp_path):
     wheel_manifest.write_text(yaml.safe_dump(data, sort_keys=False))
     env = {k: v for k, v in cli_env(OMP_NUM_THREADS="2").items() if k != "PYTHONPATH"}  # none of the checkout
     mcip = str(venv / "bin" / "mcip")
-    where = subprocess.run([str(venv / "bin" / "python"), "-c", "import stages; print(stages.__file__)"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import stages; print(stages.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert where.stdout.startswith(str(site)), where.stdout
-    validate = subprocess.run([mcip, "validate", str(wheel_manifest)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
-    assert validate.returncode == 0 and "ok (stages: download, caption, finetune, realign, evaluate)" in validate.stdout, \
-        validate.stderr[-2000:]
-    evaluate = subprocess.run([mcip, "run", str(wheel_manifest), "--stage", "evaluate"], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=600)
+    validate = subprocess.run(
+        [mcip, "validate", str(wheel_manifest)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert (
+        validate.returncode == 0
+        and "ok (stages: download, caption, finetune, realign, evaluate)" in validate.stdout
+    ), validate.stderr[-2000:]
+    evaluate = subprocess.run(
+        [mcip, "run", str(wheel_manifest), "--stage", "evaluate"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     ours = json.loads((folder / "run" / "evaluate" / "from-wheel" / "metrics.json").read_text())
     assert ours == json.loads((folder / "run" / "evaluate" / "demo" / "metrics.json").read_text())

@@ -2,6 +2,7 @@
 
 Skipped, with the reason, only where SLURM cannot be installed or started (no root, no apt).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -76,6 +77,7 @@ def scores_of(shards: list) -> np.ndarray:
 
 # --- the whole demo pipeline in one allocation, 2 tasks ------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def demo_world(tmp_path_factory):
     from examples.demo import prepare
@@ -94,18 +96,28 @@ def demo_manifest(folder: Path, root: str) -> Path:
 def test_sbatch_runs_every_stage_like_the_local_run(cluster, demo_world):
     local = run_cli("run", str(demo_manifest(demo_world, "local")), cwd=demo_world, OMP_NUM_THREADS="2")
     assert local.returncode == 0, local.stderr[-2000:]
-    job = sbatch(cluster, "--ntasks=2", f"--output={demo_world}/job-%j.out", str(LAUNCHER),
-                 str(demo_manifest(demo_world, "slurm")), cwd=demo_world)
+    job = sbatch(
+        cluster,
+        "--ntasks=2",
+        f"--output={demo_world}/job-%j.out",
+        str(LAUNCHER),
+        str(demo_manifest(demo_world, "slurm")),
+        cwd=demo_world,
+    )
     fields = cluster.wait_final(job, job_env())
     assert fields["JobState"] == "COMPLETED", (demo_world / f"job-{job}.out").read_text()[-3000:]
     a, b = demo_world / "local", demo_world / "slurm"
     assert images_of(a) == images_of(b) and len(images_of(a)) == 64  # same keys, pictures, labels
     # same captions; scores equal up to float rounding (a task's batches mix other shards than one process's)
     assert texts_of(captions_of(a, "retrieval")) == texts_of(captions_of(b, "retrieval"))
-    assert np.allclose(scores_of(captions_of(a, "retrieval")), scores_of(captions_of(b, "retrieval")), atol=1e-5)
+    assert np.allclose(
+        scores_of(captions_of(a, "retrieval")), scores_of(captions_of(b, "retrieval")), atol=1e-5
+    )
     assert same_models(final_state(a, "finetune"), final_state(b, "finetune"))
     assert same_models(final_state(a, "realign"), final_state(b, "realign"))
-    assert json.loads((a / "evaluate/demo/metrics.json").read_text()) == json.loads((b / "evaluate/demo/metrics.json").read_text())
+    assert json.loads((a / "evaluate/demo/metrics.json").read_text()) == json.loads(
+        (b / "evaluate/demo/metrics.json").read_text()
+    )
     # the 2 tasks split the 4 download shards: each did 2, none twice
     runs = [json.loads(line) for line in (b / "logs" / "runs.jsonl").read_text().splitlines()]
     download = [r for r in runs if r["stage"] == "download"]
@@ -115,15 +127,35 @@ def test_sbatch_runs_every_stage_like_the_local_run(cluster, demo_world):
 
 # --- requeue mid-stage through `submit`, and the requeue cap --------------------------------------
 
+
 def requeue_manifest(folder: Path, root: str, tiny_models: dict, max_requeues: int = 2) -> Path:
     clip = {"model": tiny_models["clip_arch"], "config_dir": str(tiny_models["clip_configs"])}
-    data = {"run": {"root": str(folder / root), "seed": 0},
-            "stages": {"caption": {"backend": "blip", "model": str(tiny_models["blip"]), "decoding": "beam",
-                                   "captions_per_image": 2, "batch_size": 2, "num_workers": 0},
-                       "finetune": {"name": "mcip", **clip, "pretrained": str(tiny_models["clip_checkpoint"]),
-                                    "loss": "gpr", "epochs": 10, "max_steps": 120, "batch_size": 4, "lr": 1.0e-4,
-                                    "checkpoint_every": 10, "num_workers": 0}},
-            "slurm": {"default": {"max_requeues": max_requeues, "signal_lead": 60, "cpus_per_task": 2}}}
+    data = {
+        "run": {"root": str(folder / root), "seed": 0},
+        "stages": {
+            "caption": {
+                "backend": "blip",
+                "model": str(tiny_models["blip"]),
+                "decoding": "beam",
+                "captions_per_image": 2,
+                "batch_size": 2,
+                "num_workers": 0,
+            },
+            "finetune": {
+                "name": "mcip",
+                **clip,
+                "pretrained": str(tiny_models["clip_checkpoint"]),
+                "loss": "gpr",
+                "epochs": 10,
+                "max_steps": 120,
+                "batch_size": 4,
+                "lr": 1.0e-4,
+                "checkpoint_every": 10,
+                "num_workers": 0,
+            },
+        },
+        "slurm": {"default": {"max_requeues": max_requeues, "signal_lead": 60, "cpus_per_task": 2}},
+    }
     path = folder / f"{root}.yaml"
     path.write_text(yaml.safe_dump(data))
     make_image_shards(folder / root, shards=8, per_shard=6)
@@ -132,23 +164,37 @@ def requeue_manifest(folder: Path, root: str, tiny_models: dict, max_requeues: i
 
 
 def test_submit_requeues_mid_caption_and_mid_training_and_resumes(cluster, tmp_path, tiny_models):
-    local = run_cli("run", str(requeue_manifest(tmp_path, "local", tiny_models)), cwd=tmp_path, OMP_NUM_THREADS="2")
+    local = run_cli(
+        "run", str(requeue_manifest(tmp_path, "local", tiny_models)), cwd=tmp_path, OMP_NUM_THREADS="2"
+    )
     assert local.returncode == 0, local.stderr[-2000:]
     manifest = requeue_manifest(tmp_path, "slurm", tiny_models)
-    submitted = subprocess.run([sys.executable, "-m", "pipeline", "submit", str(manifest)], cwd=tmp_path,
-                               env=job_env(SLURM_CONF=cluster.conf), capture_output=True, text=True, timeout=120)
+    submitted = subprocess.run(
+        [sys.executable, "-m", "pipeline", "submit", str(manifest)],
+        cwd=tmp_path,
+        env=job_env(SLURM_CONF=cluster.conf),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert submitted.returncode == 0, submitted.stderr
     jobs = {line.split(":")[0]: line.split()[-1] for line in submitted.stdout.splitlines()}
     root = tmp_path / "slurm"
 
     captions_done = lambda: len(list((root / "captions" / "blip" / "_done").glob("*.json")))  # noqa: E731
-    wait_until(lambda: captions_done() >= 1, what="a first caption shard",
-               gave_up=cluster.ended(jobs["caption"], job_env()))
+    wait_until(
+        lambda: captions_done() >= 1,
+        what="a first caption shard",
+        gave_up=cluster.ended(jobs["caption"], job_env()),
+    )
     cluster.signal_batch(jobs["caption"], job_env())
     running = run_cli("status", str(manifest), cwd=tmp_path, SLURM_CONF=cluster.conf)
     assert f"job {jobs['finetune']} PENDING" in running.stdout  # waits for the caption job (afterok)
-    wait_until(lambda: any((root / "finetune" / "mcip" / "ckpt").glob("step-*/meta.json")), what="a checkpoint",
-               gave_up=cluster.ended(jobs["finetune"], job_env()))
+    wait_until(
+        lambda: any((root / "finetune" / "mcip" / "ckpt").glob("step-*/meta.json")),
+        what="a checkpoint",
+        gave_up=cluster.ended(jobs["finetune"], job_env()),
+    )
     cluster.signal_batch(jobs["finetune"], job_env())
 
     for stage in ("caption", "finetune"):
@@ -158,7 +204,9 @@ def test_submit_requeues_mid_caption_and_mid_training_and_resumes(cluster, tmp_p
         assert fields["Restarts"] == "1" and "requeueing (restart 1 of at most 2)" in log
     assert captions_of(tmp_path / "local", "blip") == captions_of(root, "blip")
     assert same_models(final_state(tmp_path / "local", "finetune"), final_state(root, "finetune"))
-    metrics = [json.loads(line) for line in (root / "finetune" / "mcip" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(line) for line in (root / "finetune" / "mcip" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [m["step"] for m in metrics] == list(range(1, 121))  # appended across the requeue, no step twice
 
     status = run_cli("status", str(manifest), cwd=tmp_path, SLURM_CONF=cluster.conf)
@@ -170,10 +218,19 @@ def test_requeue_cap_from_slurm_restart_count(cluster, tmp_path, tiny_models):
     data = yaml.safe_load(manifest.read_text())
     del data["stages"]["caption"]
     manifest.write_text(yaml.safe_dump(data))
-    job = sbatch(cluster, f"--output={tmp_path}/job-%j.out", "--export=ALL,MCIP_MAX_REQUEUES=0", str(LAUNCHER),
-                 str(manifest), cwd=tmp_path)
-    wait_until(lambda: any((tmp_path / "capped" / "finetune" / "mcip" / "ckpt").glob("step-*/meta.json")),
-               what="a checkpoint", gave_up=cluster.ended(job, job_env()))
+    job = sbatch(
+        cluster,
+        f"--output={tmp_path}/job-%j.out",
+        "--export=ALL,MCIP_MAX_REQUEUES=0",
+        str(LAUNCHER),
+        str(manifest),
+        cwd=tmp_path,
+    )
+    wait_until(
+        lambda: any((tmp_path / "capped" / "finetune" / "mcip" / "ckpt").glob("step-*/meta.json")),
+        what="a checkpoint",
+        gave_up=cluster.ended(job, job_env()),
+    )
     cluster.signal_batch(job, job_env())
     fields = cluster.wait_final(job, job_env())
     out = (tmp_path / f"job-{job}.out").read_text()

@@ -4,6 +4,7 @@
 handed to the project (install when missing, `cred_expire=5` and a fast scheduler so a requeued job
 restarts in ~6 s, leftover job processes swept on stop).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,13 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 class Cluster:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
-        self.env = {**os.environ, "SLURM_LOCAL_DIR": str(self.folder), "SLURM_LOCAL_CPUS": "8",
-                    "SLURM_LOCAL_CLEAN": "1", "SLURM_LOCAL_WAIT": "60"}
+        self.env = {
+            **os.environ,
+            "SLURM_LOCAL_DIR": str(self.folder),
+            "SLURM_LOCAL_CPUS": "8",
+            "SLURM_LOCAL_CLEAN": "1",
+            "SLURM_LOCAL_WAIT": "60",
+        }
 
     def start(self) -> str | None:
         """None when the cluster is up, else why it cannot be (e.g. no root, no apt)."""
@@ -41,8 +47,9 @@ class Cluster:
         return {**extra, "SLURM_CONF": self.conf}
 
     def run(self, *command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-        return subprocess.run(list(command), env={**env, "SLURM_CONF": self.conf}, capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run(
+            list(command), env={**env, "SLURM_CONF": self.conf}, capture_output=True, text=True, timeout=120
+        )
 
     def job(self, job_id: str, env: dict[str, str]) -> dict[str, str]:
         """`scontrol show job` fields (JobState, Restarts, ExitCode, ...)."""

@@ -1,4 +1,5 @@
 """Caption cleanup, nearest-neighbour search and top-k/threshold semantics."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Evaluation inputs: GPR1200 folder, image-folder tree, Karpathy captions, class names."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,13 @@ def test_gpr1200_folder_labels_and_subsets(tmp_path):
         _image(tmp_path / name)
     (tmp_path / "notes.txt").write_text("not an image")
     images = datasets.gpr1200_folder(tmp_path)
-    assert [r.path.name for r in images.refs] == ["0_a.jpg", "0_b.jpg", "1199_last.jpg", "205_x.jpg", "630_q.png"]
+    assert [r.path.name for r in images.refs] == [
+        "0_a.jpg",
+        "0_b.jpg",
+        "1199_last.jpg",
+        "205_x.jpg",
+        "630_q.png",
+    ]
     assert images.labels.tolist() == ["0", "0", "1199", "205", "630"]
     assert images.groups.tolist() == ["Landmarks", "Landmarks", "Faces", "iNat", "INSTRE"]
 
@@ -41,8 +48,11 @@ def test_image_folder_tree_in_natural_order(tmp_path):
     for cls, n in (("dog", 10), ("dog", 2), ("cat", 1)):
         _image(tmp_path / cls / f"{n}.jpg")
     images = datasets.image_folder(tmp_path)
-    assert [(label, ref.path.name) for label, ref in zip(images.labels, images.refs)] == \
-        [("cat", "1.jpg"), ("dog", "2.jpg"), ("dog", "10.jpg")]
+    assert [(label, ref.path.name) for label, ref in zip(images.labels, images.refs)] == [
+        ("cat", "1.jpg"),
+        ("dog", "2.jpg"),
+        ("dog", "10.jpg"),
+    ]
     assert images.refs[0].read()[:2] == b"\xff\xd8"  # the file's bytes
 
 
@@ -57,10 +67,16 @@ def test_identity_changes_when_an_image_changes(tmp_path):
 def test_karpathy_captions_merge_identical_texts(tmp_path):
     for name in ("x.jpg", "y.jpg", "z.jpg"):
         _image(tmp_path / "imgs" / name)
-    entries = [{"filepath": "imgs", "filename": "x.jpg", "split": "test", "sentences": [{"raw": "A red  Circle"}]},
-               {"filepath": "imgs", "filename": "y.jpg", "split": "test",
-                "sentences": [{"raw": "a red circle"}, {"raw": "a blue square"}]},
-               {"filepath": "imgs", "filename": "z.jpg", "split": "train", "sentences": [{"raw": "other"}]}]
+    entries = [
+        {"filepath": "imgs", "filename": "x.jpg", "split": "test", "sentences": [{"raw": "A red  Circle"}]},
+        {
+            "filepath": "imgs",
+            "filename": "y.jpg",
+            "split": "test",
+            "sentences": [{"raw": "a red circle"}, {"raw": "a blue square"}],
+        },
+        {"filepath": "imgs", "filename": "z.jpg", "split": "train", "sentences": [{"raw": "other"}]},
+    ]
     (tmp_path / "captions.json").write_text(json.dumps({"images": entries}))
     captions = datasets.karpathy_captions(tmp_path / "captions.json")
     assert [r.path.name for r in captions.images.refs] == ["x.jpg", "y.jpg"]

@@ -1,4 +1,5 @@
 """Evaluation metrics against values worked out by hand (stages/evaluate/metrics.py)."""
+
 from __future__ import annotations
 
 import math
@@ -38,14 +39,16 @@ def test_blockwise_equals_one_block():
     assert metrics.retrieval_map(emb, labels, block_rows=7) == pytest.approx(whole)
     txt, owners = rng.normal(size=(50, 16)), [rng.choice(300, 3) for _ in range(50)]
     assert metrics.text_to_image_map(emb, txt, owners, block_rows=3) == pytest.approx(
-        metrics.text_to_image_map(emb, txt, owners))
+        metrics.text_to_image_map(emb, txt, owners)
+    )
 
 
 def test_retrieval_map_by_group():
     emb, labels = np.array([A, B, C, D]), np.array([0, 0, 1, 1])
     groups = np.array(["first", "first", "second", "second"])
     assert metrics.retrieval_map_by_group(emb, labels, groups) == pytest.approx(
-        {"first": (1 + 5 / 6) / 2, "second": (5 / 6 + 1) / 2})
+        {"first": (1 + 5 / 6) / 2, "second": (5 / 6 + 1) / 2}
+    )
 
 
 def test_knn_votes_are_weighted_by_temperature():

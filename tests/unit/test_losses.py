@@ -1,4 +1,5 @@
 """The MCIP losses against values worked out by hand on tiny tensors, plus gradient checks."""
+
 from __future__ import annotations
 
 import math
@@ -17,10 +18,14 @@ def _lse(values: list[float]) -> float:
 
 
 def test_margin_cosine_adds_the_angle_and_falls_back_past_pi_minus_m():
-    assert margin_cosine(torch.tensor([0.5]))[0].item() == pytest.approx(math.cos(math.acos(0.5) + M), abs=1e-6)
+    assert margin_cosine(torch.tensor([0.5]))[0].item() == pytest.approx(
+        math.cos(math.acos(0.5) + M), abs=1e-6
+    )
     assert margin_cosine(torch.tensor([1.0]))[0].item() == pytest.approx(math.cos(M), abs=1e-6)
     near_minus_one = -0.999  # arccos > pi - m: the "not easy margin" fallback c - m sin(m)
-    assert margin_cosine(torch.tensor([near_minus_one]))[0].item() == pytest.approx(near_minus_one - M * math.sin(M))
+    assert margin_cosine(torch.tensor([near_minus_one]))[0].item() == pytest.approx(
+        near_minus_one - M * math.sin(M)
+    )
 
 
 def test_arc_margin_loss_by_hand():
@@ -83,6 +88,8 @@ def test_gradients_match_finite_differences():
     labels = torch.tensor([0, 2, 1, 2])
     assert torch.autograd.gradcheck(lambda e, p: arc_margin_loss(e, labels, p, s=5.0), (emb, proxies))
     caps, owner = torch.randn(6, 5, **d), torch.tensor([0, 0, 1, 3, 3, 3])
-    assert torch.autograd.gradcheck(lambda e, c: multi_caption_loss(e, c, owner, s=5.0, max_term_weight=0.0), (emb, caps))
+    assert torch.autograd.gradcheck(
+        lambda e, c: multi_caption_loss(e, c, owner, s=5.0, max_term_weight=0.0), (emb, caps)
+    )
     txt, scale = torch.randn(4, 5, **d), torch.tensor(3.0, **d)
     assert torch.autograd.gradcheck(clip_infonce_loss, (emb, txt, scale))

@@ -1,4 +1,5 @@
 """Shard naming, rank split, atomic writes, markers, tars, tables and the wids index."""
+
 from __future__ import annotations
 
 import json
@@ -113,11 +114,14 @@ def test_read_table_errors_name_file_and_column(tmp_path):
         read_table(tmp_path / "bad.parquet", columns=["url"])
 
 
-@pytest.mark.parametrize("suffix,body", [
-    ("csv", "url,label\nhttp://x/1.jpg,cat\n"),
-    ("tsv", "url\tlabel\nhttp://x/1.jpg\tcat\n"),
-    ("jsonl", '{"url": "http://x/1.jpg", "label": "cat"}\n'),
-])
+@pytest.mark.parametrize(
+    "suffix,body",
+    [
+        ("csv", "url,label\nhttp://x/1.jpg,cat\n"),
+        ("tsv", "url\tlabel\nhttp://x/1.jpg\tcat\n"),
+        ("jsonl", '{"url": "http://x/1.jpg", "label": "cat"}\n'),
+    ],
+)
 def test_read_table_text_formats(tmp_path, suffix, body):
     path = tmp_path / f"urls.{suffix}"
     path.write_text(body)
@@ -126,8 +130,13 @@ def test_read_table_text_formats(tmp_path, suffix, body):
 
 
 def test_shard_index_has_wids_kind(tmp_path):
-    write_shard_index(tmp_path / "_index.json", [{"url": "000001.tar", "nsamples": 3, "filesize": 10},
-                                                 {"url": "000000.tar", "nsamples": 2, "filesize": 9}])
+    write_shard_index(
+        tmp_path / "_index.json",
+        [
+            {"url": "000001.tar", "nsamples": 3, "filesize": 10},
+            {"url": "000000.tar", "nsamples": 2, "filesize": 9},
+        ],
+    )
     index = json.loads((tmp_path / "_index.json").read_text())
     assert index["__kind__"] == "wids-shard-index-v1"
     assert [s["url"] for s in index["shardlist"]] == ["000000.tar", "000001.tar"]

@@ -1,4 +1,5 @@
 """SigLIP's sigmoid loss for re-alignment: a value worked out by hand, open_clip's SigLipLoss, gradients."""
+
 from __future__ import annotations
 
 import math

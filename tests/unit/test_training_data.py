@@ -1,4 +1,5 @@
 """Training data: key join, deterministic order, rank split and exact resume position."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,7 +57,9 @@ def test_join_by_key_with_classes_and_caption_masks(run_root):
 
 def test_key_mismatch_names_the_caption_shard_and_both_counts(run_root):
     _captions(run_root, "000001", ["x"] * 5, lambda k: 1)
-    with pytest.raises(ShardError, match=r"000001.parquet: its keys do not match the image shard's \(5 vs 6 keys\)"):
+    with pytest.raises(
+        ShardError, match=r"000001.parquet: its keys do not match the image shard's \(5 vs 6 keys\)"
+    ):
         index_samples(run_root, ["000000", "000001"], "t")
 
 
@@ -70,7 +73,9 @@ def test_ranks_split_each_epoch_without_overlap():
 def test_resume_position_continues_with_the_very_next_sample(run_root):
     dataset = _dataset(run_root, transform=train_transform(16, (0.5,) * 3, (0.5,) * 3))
     full = list(epoch_loader(dataset, epoch=1, rank=0, world_size=1, batch_size=3, workers=2))
-    resumed = list(epoch_loader(dataset, epoch=1, rank=0, world_size=1, batch_size=3, start_position=6, workers=0))
+    resumed = list(
+        epoch_loader(dataset, epoch=1, rank=0, world_size=1, batch_size=3, start_position=6, workers=0)
+    )
     assert [b["index"].tolist() for b in resumed] == [b["index"].tolist() for b in full[2:]]
     for a, b in zip(full[2:], resumed):  # same augmentations whatever the worker count
         assert torch.equal(a["image"], b["image"])

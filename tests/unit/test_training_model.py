@@ -1,4 +1,5 @@
 """Model factory: freezing for fine-tuning and re-alignment, export loadable with strict=True."""
+
 from __future__ import annotations
 
 import open_clip
@@ -15,7 +16,9 @@ from stages.training.model import (
 
 
 def _tiny(tiny_models):
-    return build_model(tiny_models["clip_arch"], str(tiny_models["clip_checkpoint"]), tiny_models["clip_configs"])
+    return build_model(
+        tiny_models["clip_arch"], str(tiny_models["clip_checkpoint"]), tiny_models["clip_configs"]
+    )
 
 
 def test_finetune_trains_the_image_tower_only(tiny_models):

@@ -1,4 +1,5 @@
 """Unit bookkeeping in stages.base: done/pending, rank share, fingerprint mismatch, _SUCCESS.json."""
+
 from __future__ import annotations
 
 import json
@@ -45,13 +46,18 @@ def test_success_file_only_when_all_units_done(tmp_path):
     assert success["counts"] == {"ok": 5, "by": {"x": 3, "y": 1}}
 
 
-@pytest.mark.parametrize("message,reason", [
-    ("HTTP Error 404: Not Found", "http 404"),
-    ("Image decoding error", "not a decodable image"),
-    ("OpenCV(4.14.0) /io/opencv/modules/imgcodecs/src/loadsave.cpp:79: error: (-215:Assertion failed)",
-     "image too large"),
-    ("unknown url type: ''", "bad url"),
-    ("x" * 100, "x" * 57 + "..."),
-])
+@pytest.mark.parametrize(
+    "message,reason",
+    [
+        ("HTTP Error 404: Not Found", "http 404"),
+        ("Image decoding error", "not a decodable image"),
+        (
+            "OpenCV(4.14.0) /io/opencv/modules/imgcodecs/src/loadsave.cpp:79: error: (-215:Assertion failed)",
+            "image too large",
+        ),
+        ("unknown url type: ''", "bad url"),
+        ("x" * 100, "x" * 57 + "..."),
+    ],
+)
 def test_failure_reasons_are_short_and_countable(message, reason):
     assert failure_reason(message) == reason
