@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -140,3 +141,27 @@ def test_shard_index_has_wids_kind(tmp_path):
     index = json.loads((tmp_path / "_index.json").read_text())
     assert index["__kind__"] == "wids-shard-index-v1"
     assert [s["url"] for s in index["shardlist"]] == ["000000.tar", "000001.tar"]
+
+
+def test_file_hashes_are_cached_by_path_size_and_mtime(tmp_path):
+    from shards import identity
+
+    data = tmp_path / "table.parquet"
+    data.write_bytes(b"x" * 1000)
+    real = identity.sha256_of(data)
+    identity.use_cache_dir(tmp_path / "cache")
+    try:
+        assert identity.file_sha256(data) == real
+        (entry,) = (tmp_path / "cache" / "sha256").glob("*.json")
+        stored = json.loads(entry.read_text())
+        assert stored["sha256"] == real and stored["size"] == 1000
+        identity._memory.clear()  # a new process: only the disk entry is left
+        entry.write_text(json.dumps({**stored, "sha256": "from-the-cache"}))
+        assert identity.file_sha256(data) == "from-the-cache"  # looked up, not read
+        identity._memory.clear()
+        data.write_bytes(b"y" * 1000)  # same size, new mtime: hashed again
+        os.utime(data, ns=(stored["mtime_ns"] + 10**9,) * 2)
+        assert identity.file_sha256(data) == identity.sha256_of(data) != real
+    finally:
+        identity.use_cache_dir(None)
+        identity._memory.clear()
