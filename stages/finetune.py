@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from stages.base import ManifestPath, RunContext, StageConfig, StageResult, local_path_or_name, sum_counts
-from stages.errors import StageConfigError
+from stages.checks import Betas, Device, check_deepspeed_json, open_clip_config
 from stages.layout import CAPTION_SET_NAME, FINAL_UNIT, NAME_PATTERN, RunLayout
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class FinetuneConfig(StageConfig):
     lr: PositiveFloat = 1.0e-6
     min_lr: float = Field(1.0e-7, ge=0)
     proxy_lr_multiplier: PositiveFloat = 100.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Betas = (0.9, 0.999)
     eps: PositiveFloat = 1.0e-8
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: PositiveFloat | None = 1.0
@@ -61,7 +61,7 @@ class FinetuneConfig(StageConfig):
     checkpoint_every: PositiveInt = 500
     num_workers: int = Field(2, ge=0)
     deepspeed: ManifestPath | None = None
-    device: str = "cpu"
+    device: Device = "cpu"
 
     _paths = field_validator("pretrained")(local_path_or_name)
 
@@ -93,10 +93,9 @@ def describe(cfg: FinetuneConfig, root: Path, seed: int = 0):
 
 
 def check_inputs(cfg: FinetuneConfig) -> None:
-    if cfg.deepspeed is not None and not cfg.deepspeed.is_file():
-        raise StageConfigError(f"DeepSpeed config not found: {cfg.deepspeed}")
-    if cfg.pretrained and cfg.pretrained.startswith("/") and not Path(cfg.pretrained).is_file():
-        raise StageConfigError(f"pretrained checkpoint not found: {cfg.pretrained}")
+    """Before anything runs: the DeepSpeed JSON, the architecture, its pretrained tag or file."""
+    check_deepspeed_json(cfg.deepspeed, NAME)
+    open_clip_config(cfg.model, cfg.pretrained, cfg.config_dir, NAME)
 
 
 merge_counts = sum_counts

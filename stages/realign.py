@@ -22,7 +22,7 @@ from pydantic import Field, PositiveFloat, PositiveInt
 
 from shards.captions import ALT_TEXT
 from stages.base import ManifestPath, RunContext, StageConfig, StageResult, sum_counts
-from stages.errors import StageConfigError
+from stages.checks import Betas, Device, check_deepspeed_json, check_unlocked_layers, open_clip_config
 from stages.layout import CAPTION_SET_NAME, FINAL_UNIT, NAME_PATTERN, RunLayout
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class RealignConfig(StageConfig):
     batch_size: PositiveInt = 32768  # per process
     lr: PositiveFloat = 1.0e-5
     min_lr: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: Betas = (0.9, 0.98)
     eps: PositiveFloat = 1.0e-6
     weight_decay: float = Field(0.2, ge=0)  # matrices only
     grad_clip: PositiveFloat | None = 1.0
@@ -62,7 +62,7 @@ class RealignConfig(StageConfig):
     embed_batch_size: PositiveInt = 256
     num_workers: int = Field(2, ge=0)
     deepspeed: ManifestPath | None = None
-    device: str = "cpu"
+    device: Device = "cpu"
 
     @property
     def source_name(self) -> str:
@@ -97,8 +97,13 @@ def describe(cfg: RealignConfig, root: Path, seed: int = 0):
 
 
 def check_inputs(cfg: RealignConfig) -> None:
-    if cfg.deepspeed is not None and not cfg.deepspeed.is_file():
-        raise StageConfigError(f"DeepSpeed config not found: {cfg.deepspeed}")
+    """The DeepSpeed JSON; with `model` set, the architecture and `unlocked_layers` against its text
+    depth (otherwise the architecture comes from the finetune run, checked when realign starts)."""
+    check_deepspeed_json(cfg.deepspeed, NAME)
+    if cfg.model is not None:
+        check_unlocked_layers(
+            cfg.unlocked_layers, open_clip_config(cfg.model, None, cfg.config_dir, NAME), NAME
+        )
 
 
 merge_counts = sum_counts

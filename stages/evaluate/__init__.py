@@ -39,6 +39,7 @@ from stages.base import (
     local_path_or_name,
     plan_units,
 )
+from stages.checks import Device, open_clip_config
 from stages.errors import StageConfigError
 from stages.layout import CAPTION_SET_NAME, NAME_PATTERN, RunLayout
 
@@ -71,8 +72,15 @@ class ZeroShotSection(_Section):
     @field_validator("templates")
     @classmethod
     def _placeholder(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and (not value or any("{}" not in t for t in value)):
-            raise ValueError("templates must be a non-empty list of strings containing '{}'")
+        if value is not None and not value:
+            raise ValueError("templates must be a non-empty list of strings containing '{}' once")
+        for template in value or []:
+            try:
+                ok = template.count("{}") == 1 and bool(template.format("x"))
+            except (IndexError, KeyError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"template {template!r} must contain '{{}}' once and no other braces")
         return value
 
 
@@ -117,7 +125,7 @@ class EvaluateConfig(StageConfig):
     grid: str | None = None  # the retrieval dataset shown in retrieval_grid.png (default: the first)
     batch_size: PositiveInt = 256
     num_workers: int = Field(2, ge=0)
-    device: str = "cpu"
+    device: Device = "cpu"
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvaluateConfig":
@@ -172,11 +180,9 @@ def describe(cfg: EvaluateConfig, root: Path, seed: int = 0):
 
 
 def check_inputs(cfg: EvaluateConfig) -> None:
+    """The architecture with each model's pretrained tag or checkpoint file, and the class names."""
     for entry in cfg.models:
-        if entry.checkpoint and entry.checkpoint.startswith("/") and not Path(entry.checkpoint).is_file():
-            raise StageConfigError(
-                f"evaluate: checkpoint of model {entry.name!r} not found: {entry.checkpoint}"
-            )
+        open_clip_config(cfg.model, entry.checkpoint, cfg.config_dir, f"evaluate: model {entry.name!r}")
     if cfg.zero_shot is not None and not cfg.zero_shot.class_names.is_file():
         raise StageConfigError(f"evaluate: class names file not found: {cfg.zero_shot.class_names}")
 

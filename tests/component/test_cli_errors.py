@@ -94,3 +94,66 @@ def test_status_waits_only_for_an_upstream_stage_and_reports_a_bad_input(tmp_pat
 def test_bad_rank_variables_are_one_line(tmp_path, env, message):
     result = run_cli("validate", str(_manifest(tmp_path)), cwd=tmp_path, **env)
     assert result.returncode == 2 and result.stderr == f"error: {message}\n"
+
+
+@pytest.mark.parametrize(
+    "stage,settings,message",
+    [
+        (
+            "finetune",
+            {"pretrained": "nope"},
+            "finetune: open_clip has no pretrained tag 'nope' for ViT-B-32 (tags: ",
+        ),
+        ("finetune", {"model": "ViT-Nope"}, "finetune: unknown open_clip architecture 'ViT-Nope'"),
+        (
+            "finetune",
+            {"device": "gpu"},
+            "stages.finetune.device: device must be cpu, cuda, cuda:N or mps, got 'gpu'",
+        ),
+        (
+            "finetune",
+            {"betas": [1.5, 0.999]},
+            "stages.finetune.betas: betas must be in [0, 1), got [1.5, 0.999]",
+        ),
+        ("finetune", {"deepspeed": "ds.json"}, "finetune: DeepSpeed config"),
+        ("finetune", {"config_dir": "no-configs"}, "finetune: open_clip config folder not found"),
+        ("finetune", {"pretrained": "/no/such.pt"}, "finetune: checkpoint not found: /no/such.pt"),
+        (
+            "realign",
+            {"unlocked_layers": 99},
+            "realign: unlocked_layers 99 is more than the text tower's 12 blocks",
+        ),
+        ("realign", {"device": "cuda:x"}, "stages.realign.device: device must be cpu, cuda, cuda:N or mps"),
+        ("evaluate", {"zero_shot": {"templates": ["a {} {}"]}}, "template 'a {} {}' must contain '{}' once"),
+        (
+            "evaluate",
+            {"zero_shot": {"templates": ["a {name}"]}},
+            "template 'a {name}' must contain '{}' once",
+        ),
+        (
+            "evaluate",
+            {"models": [{"name": "m", "checkpoint": "nope"}]},
+            "evaluate: model 'm': open_clip has no",
+        ),
+    ],
+)
+def test_validate_checks_models_devices_and_training_settings(tmp_path, stage, settings, message):
+    """Found by `validate`, before anything runs (reading configs, never building a model)."""
+    (tmp_path / "ds.json").write_text("{not json")
+    (tmp_path / "names.json").write_text('{"a": "cat"}')
+    base = {
+        "finetune": {"model": "ViT-B-32", "loss": "gpr"},
+        "realign": {"model": "ViT-B-32"},
+        "evaluate": {
+            "model": "ViT-B-32",
+            "models": [{"name": "random"}],
+            "zero_shot": {"data": {"layout": "shards"}, "class_names": "names.json"},
+        },
+    }[stage]
+    for key, value in settings.items():
+        base[key] = {**base[key], **value} if isinstance(value, dict) and key in base else value
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump({"run": {"root": "run"}, "stages": {stage: base}}))
+    result = run_cli("validate", str(manifest), cwd=tmp_path)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
