@@ -57,7 +57,7 @@ class DownloadConfig(StageConfig):
     """`stages.download` in the manifest."""
 
     NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
-        {"url_list", "processes", "threads", "timeout_s", "retries"}
+        {"url_list", "processes", "threads", "timeout_s", "retries", "max_failed_fraction"}
     )
 
     url_list: ManifestPath
@@ -70,6 +70,8 @@ class DownloadConfig(StageConfig):
     encode_quality: int = Field(95, ge=1, le=100)
     samples_per_shard: PositiveInt = 1000
     max_image_area: float | None = Field(None, gt=0)
+    # a shard with more failed rows than this is not accepted: the stage stops with the top reasons
+    max_failed_fraction: float = Field(0.5, ge=0, le=1)
     processes: PositiveInt = 4
     threads: PositiveInt = 32
     timeout_s: PositiveInt = 10
@@ -119,6 +121,8 @@ def load_url_table(cfg: DownloadConfig) -> UrlTable:
     columns = {"url": pc.cast(raw[cfg.url_col], pa.string())}
     if cfg.caption_col:
         columns["caption"] = pc.cast(raw[cfg.caption_col], pa.string())
+    if raw.num_rows == 0:
+        raise StageConfigError(f"{cfg.url_list}: the URL table has no rows")
     labels = None
     if cfg.label_col:
         columns["cls"], labels = _class_indexes(raw[cfg.label_col], cfg)

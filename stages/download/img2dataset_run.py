@@ -183,8 +183,6 @@ class _Finalizer(threading.Thread):
             raise ShardCheckError(
                 f"shard {unit}: tar holds {len(samples)} images, img2dataset reported {stats['successes']}"
             )
-        tar_info = write_tar_atomic(self.out / f"{unit}.tar", self._rekeyed(samples.values()))
-        self._write_sidecar(name, unit)
         failed = {reason: n for reason, n in stats["status_dict"].items() if reason != "success"}
         counts = {
             "rows": stats["count"],
@@ -193,6 +191,10 @@ class _Finalizer(threading.Thread):
             "failed_by_reason": _by_reason(failed),
         }
         kind = "retry" if int(unit) * self.cfg.samples_per_shard >= self.table.num_rows else "base"
+        if kind == "base":  # a retry shard holds only rows that failed before
+            _check_failed_fraction(unit, counts, self.cfg.max_failed_fraction)
+        tar_info = write_tar_atomic(self.out / f"{unit}.tar", self._rekeyed(samples.values()))
+        self._write_sidecar(name, unit)
         return {
             "kind": kind,
             "rank": self.rank,
@@ -223,6 +225,17 @@ class _Finalizer(threading.Thread):
         status = status.set_column(status.column_names.index("key"), "key", keys)
         status = status.take(pc.sort_indices(status, [("key", "ascending")]))
         write_parquet_atomic(status.drop_columns([ROW_COLUMN]), self.out / f"{unit}.parquet")
+
+
+def _check_failed_fraction(unit: str, counts: dict[str, Any], limit: float) -> None:
+    """Most rows failing means a broken URL table or server, not a small dataset (img2dataset#451)."""
+    if counts["rows"] and counts["failed"] / counts["rows"] > limit:
+        reasons = sorted(counts["failed_by_reason"].items(), key=lambda kv: -kv[1])[:3]
+        why = ", ".join(f"{reason}: {n}" for reason, n in reasons)
+        raise ShardCheckError(
+            f"shard {unit}: {counts['failed']} of {counts['rows']} rows failed ({why}), more than "
+            f"max_failed_fraction {limit}; fix the URLs or raise max_failed_fraction"
+        )
 
 
 _REASONS = (  # (substring of img2dataset's error message, reason shown in counts)

@@ -63,7 +63,10 @@ def _assert_done_tars_are_complete(root: Path) -> None:
 @pytest.fixture
 def bad_rows_run(tmp_path, image_server):
     expected = _bad_rows_table(tmp_path, image_server)
-    manifest = write_manifest(tmp_path, {"caption_col": "caption", "label_col": "label"})
+    # the last shard's 3 rows all fail: accepted here, refused by the default (see below)
+    manifest = write_manifest(
+        tmp_path, {"caption_col": "caption", "label_col": "label", "max_failed_fraction": 1.0}
+    )
     result = run_cli("run", str(manifest), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     return tmp_path, manifest, expected, result
@@ -125,7 +128,8 @@ def test_deleting_one_marker_redoes_only_that_shard(bad_rows_run):
 
 def test_changed_setting_is_refused_then_forced(bad_rows_run):
     folder, manifest, _, _ = bad_rows_run
-    changed = write_manifest(folder, {"caption_col": "caption", "label_col": "label", "image_size": 24})
+    settings = {"caption_col": "caption", "label_col": "label", "max_failed_fraction": 1.0, "image_size": 24}
+    changed = write_manifest(folder, settings)
     refused = run_cli("run", str(changed), cwd=folder)
     assert refused.returncode == 2
     assert "image_size: 32 -> 24" in refused.stderr and "--force" in refused.stderr
@@ -180,7 +184,7 @@ def test_retry_failed_downloads_only_failed_rows_into_new_shards(tmp_path, image
     urls = [image_server.url(f"/img/{i}.jpg") for i in range(6)]
     urls += [image_server.url(f"/flaky/{i}.jpg") for i in range(3)] + [image_server.url("/missing.jpg")]
     write_url_table(tmp_path / "urls.parquet", urls)
-    manifest = write_manifest(tmp_path, {})
+    manifest = write_manifest(tmp_path, {"max_failed_fraction": 1.0})  # shard 1: 4 of 5 rows fail at first
     assert run_cli("run", str(manifest), cwd=tmp_path).returncode == 0
     root = tmp_path / "run"
     before = snapshot(root / "images")
@@ -219,3 +223,30 @@ def test_two_ranks_split_shards_without_overlap(tmp_path, image_server):
     assert {unit: m["rank"] for unit, m in done.items()} == {f"{i:06d}": i % 2 for i in range(4)}
     assert len(_key_hashes(tmp_path / "run")) == 20
     assert (tmp_path / "run" / "images" / "_SUCCESS.json").exists()
+
+
+def test_a_mostly_failed_shard_stops_the_stage_with_its_reasons(tmp_path, image_server):
+    """img2dataset#451: a run where most rows fail is an error, not a success with a small count."""
+    urls = [image_server.url(f"/img/{i}.jpg") for i in range(5)] + [image_server.url("/missing.jpg")] * 3
+    urls += [image_server.url("/img/5.jpg"), ""]
+    write_url_table(tmp_path / "urls.parquet", urls)
+    manifest = write_manifest(tmp_path, {})  # shard 1: 4 of 5 rows fail, above the default 0.5
+    result = run_cli("run", str(manifest), cwd=tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert (
+        "shard 000001: 4 of 5 rows failed (http 404: 3, bad url: 1)" in last and "max_failed_fraction" in last
+    )
+    assert sorted(_done(tmp_path / "run")) == ["000000"]
+    assert not (tmp_path / "run" / "images" / "000001.tar").exists()
+    assert not (tmp_path / "run" / "images" / "_SUCCESS.json").exists()
+    manifest = write_manifest(tmp_path, {"max_failed_fraction": 0.9})  # speed-like knob: no --force needed
+    assert run_cli("run", str(manifest), cwd=tmp_path).returncode == 0
+    assert sorted(_done(tmp_path / "run")) == ["000000", "000001"]
+
+
+def test_a_url_table_without_rows_is_an_error(tmp_path):
+    write_url_table(tmp_path / "urls.parquet", [])
+    result = run_cli("run", str(write_manifest(tmp_path, {})), cwd=tmp_path)
+    assert result.returncode == 2 and "urls.parquet: the URL table has no rows" in result.stderr
+    assert not (tmp_path / "run" / "images" / "_SUCCESS.json").exists()
