@@ -16,6 +16,10 @@ DONE_DIR = "_done"
 SUCCESS_FILE = "_SUCCESS.json"
 
 
+class MarkerError(ValueError):
+    """A marker file that exists but cannot be read (cut off by a crash, edited by hand)."""
+
+
 def marker_path(stage_dir: Path, unit: str) -> Path:
     return Path(stage_dir) / DONE_DIR / f"{unit}.json"
 
@@ -30,8 +34,8 @@ def read_marker(stage_dir: Path, unit: str) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: marker is not valid JSON ({err}); delete it to redo the unit") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MarkerError(f"{path}: marker is not valid JSON ({err}); delete it to redo the unit") from None
 
 
 def read_markers(stage_dir: Path, units: list[str]) -> dict[str, dict[str, Any]]:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, WrapValidator
 
 from shards import markers
 from shards.naming import rank_split
-from stages.errors import StageConfigError
+from stages.errors import ShardError, StageConfigError
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,14 @@ class UnitPlan:
         self.done[unit] = marker
 
 
+def read_markers(stage_dir: Path, units: list[str]) -> dict[str, dict[str, Any]]:
+    """The markers that exist among `units`; a damaged one is a `ShardError` naming its file."""
+    try:
+        return markers.read_markers(stage_dir, units)
+    except markers.MarkerError as err:
+        raise ShardError(str(err)) from None
+
+
 def describe_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(set(old) | set(new))
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
@@ -140,7 +148,7 @@ def plan_units(
     works on) pass `split_by_rank=False`.
     """
     fingerprint = fingerprint_of(settings)
-    done = markers.read_markers(stage_dir, units)
+    done = read_markers(stage_dir, units)
     stale = {u: m for u, m in done.items() if m.get("fingerprint") != fingerprint}
     if stale and not ctx.force:
         example = next(iter(stale.values()))
@@ -160,7 +168,7 @@ def plan_units(
 
 def finish_stage(stage: str, plan: UnitPlan, units_run: int, merge_counts) -> StageResult:
     """Re-read the markers; when every unit is done, write `_SUCCESS.json` with merged counts."""
-    plan.done = markers.read_markers(plan.stage_dir, plan.units)
+    plan.done = read_markers(plan.stage_dir, plan.units)
     current = {u: m for u, m in plan.done.items() if m.get("fingerprint") == plan.fingerprint}
     counts = merge_counts([current[u] for u in plan.units if u in current])
     result = StageResult(stage, len(plan.units), len(current), units_run, counts)

@@ -131,7 +131,7 @@ def load_url_table(cfg: DownloadConfig) -> UrlTable:
 
 def _class_indexes(column: pa.ChunkedArray, cfg: DownloadConfig) -> tuple[pa.Array, list[Any]]:
     values = column.to_pylist()
-    missing = [i for i, v in enumerate(values) if v is None or v == ""]
+    missing = [i for i, v in enumerate(values) if v is None or v == "" or v != v]  # v != v: NaN
     if missing:
         raise StageConfigError(
             f"{cfg.url_list}: column {cfg.label_col!r} is empty in row {missing[0]} "

@@ -141,13 +141,21 @@ def karpathy_captions(
         raise StageConfigError(f"{path}: not a Karpathy-split json with an 'images' list ({err})") from None
     root = Path(image_root) if image_root is not None else Path(path).parent
     refs, labels, texts = [], [], []
-    for entry in (e for e in entries if e.get("split", split) == split):
-        file = root / entry.get("filepath", "") / entry["filename"]
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict) or entry.get("split", split) != split:
+            continue
+        try:
+            file = root / entry.get("filepath", "") / entry["filename"]
+            sentences = [s["raw"] for s in entry.get("sentences", [])]
+        except (KeyError, TypeError) as err:
+            raise StageConfigError(
+                f"{path}: image entry {number} has no {err} (Karpathy json: filename, sentences[].raw)"
+            ) from None
         if not file.is_file():
             raise StageConfigError(f"{path}: image {file} listed in the caption file does not exist")
         refs.append(ImageRef(file))
         labels.append(entry.get("filepath", ""))
-        texts.append([s["raw"] for s in entry.get("sentences", [])])
+        texts.append(sentences)
     if not refs:
         raise StageConfigError(f"{path}: no images in split {split!r}")
     return merge_texts(ImageSet(name, refs, np.array(labels)), texts)
@@ -182,7 +190,10 @@ def class_names(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise StageConfigError(f"class names file not found: {path}")
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StageConfigError(f"{path}: class names are not valid JSON ({err})") from None
         if not isinstance(data, dict):
             raise StageConfigError(f"{path}: expected a json object label -> class name")
         return {str(k): str(v) for k, v in data.items()}

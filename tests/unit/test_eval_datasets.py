@@ -91,6 +91,15 @@ def test_karpathy_errors_name_the_file(tmp_path):
     (tmp_path / "gone.json").write_text(json.dumps({"images": [{"filename": "nope.jpg", "sentences": []}]}))
     with pytest.raises(StageConfigError, match="nope.jpg listed in the caption file does not exist"):
         datasets.karpathy_captions(tmp_path / "gone.json")
+    _image(tmp_path / "x.jpg")
+    (tmp_path / "short.json").write_text(json.dumps({"images": [{"filename": "x.jpg"}, {"sentences": []}]}))
+    with pytest.raises(StageConfigError, match=r"short.json: image entry 1 has no 'filename'"):
+        datasets.karpathy_captions(tmp_path / "short.json")
+    (tmp_path / "raw.json").write_text(
+        json.dumps({"images": [{"filename": "x.jpg", "sentences": [{"t": 1}]}]})
+    )
+    with pytest.raises(StageConfigError, match=r"raw.json: image entry 0 has no 'raw'"):
+        datasets.karpathy_captions(tmp_path / "raw.json")
 
 
 def test_class_names_from_json_or_tab_text(tmp_path):
@@ -98,6 +107,9 @@ def test_class_names_from_json_or_tab_text(tmp_path):
     (tmp_path / "names.txt").write_text("n01\tgoldfish\nplain name\n")
     assert datasets.class_names(tmp_path / "names.json") == {"n01": "goldfish", "n02": "shark"}
     assert datasets.class_names(tmp_path / "names.txt") == {"n01": "goldfish", "plain name": "plain name"}
+    (tmp_path / "cut.json").write_text('{"n01": "gold')
+    with pytest.raises(StageConfigError, match="cut.json: class names are not valid JSON"):
+        datasets.class_names(tmp_path / "cut.json")
 
 
 def test_alternate_split_within_each_class():

@@ -61,3 +61,27 @@ def test_success_file_only_when_all_units_done(tmp_path):
 )
 def test_failure_reasons_are_short_and_countable(message, reason):
     assert failure_reason(message) == reason
+
+
+def test_a_damaged_marker_is_a_shard_error_naming_its_file(tmp_path):
+    from stages.errors import ShardError
+
+    markers.write_marker(tmp_path, "000000", {"fingerprint": "x"})
+    markers.marker_path(tmp_path, "000001").write_text('{"fingerprint": "x", "cou')  # cut off by a crash
+    with pytest.raises(ShardError, match=r"_done/000001.json: marker is not valid JSON .*delete it to redo"):
+        plan_units("caption", tmp_path, ["000000", "000001"], {"a": 1}, RunContext(tmp_path))
+
+
+def test_labels_reject_missing_and_nan_with_the_row_number(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.download import DownloadConfig, load_url_table
+
+    table = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["a", "b", "c"], "label": [1.0, float("nan"), 2.0]}), table)
+    cfg = DownloadConfig(url_list=table, label_col="label")
+    with pytest.raises(
+        StageConfigError, match=r"column 'label' is empty in row 1 \(1 rows without a label\)"
+    ):
+        load_url_table(cfg)
