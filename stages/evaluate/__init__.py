@@ -170,7 +170,20 @@ def settings_of(cfg: EvaluateConfig, root: Path, data) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "model_identities": {m.name: model_identity(root, m) for m in cfg.models},
         "datasets": {images.name: images.identity() for images in data.image_sets()},
+        "text_files": _text_file_identities(cfg),
     }
+
+
+def _text_file_identities(cfg: EvaluateConfig) -> dict[str, str]:
+    """Class names and caption files by content: an edited file gives new metrics, not the old ones."""
+    from shards.identity import file_sha256
+
+    files = {}
+    if cfg.zero_shot is not None:
+        files["class_names"] = cfg.zero_shot.class_names
+    if cfg.text_to_image is not None and cfg.text_to_image.layout == "karpathy" and cfg.text_to_image.path:
+        files["karpathy"] = cfg.text_to_image.path
+    return {name: file_sha256(path) for name, path in files.items() if Path(path).is_file()}
 
 
 def describe(cfg: EvaluateConfig, root: Path, seed: int = 0):

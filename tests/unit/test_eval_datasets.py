@@ -122,3 +122,22 @@ def test_default_prompts_are_the_80_openai_templates():
     prompts = class_prompts(["goldfish"], None)
     assert len(prompts[0]) == 80 and "a photo of a goldfish." in prompts[0]
     assert class_prompts(["x"], ["a {} here"]) == [["a x here"]]
+
+
+def test_edited_class_names_change_the_evaluate_fingerprint(tmp_path):
+    """Metrics are recomputed when the class names change, not reused because the path is the same."""
+    from stages.base import fingerprint_of
+    from stages.evaluate import EvaluateConfig, describe
+
+    _image(tmp_path / "eval" / "a" / "0.jpg")
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"a": "goldfish"}))
+    cfg = EvaluateConfig(
+        model="ViT-B-32",
+        models=[{"name": "random"}],
+        zero_shot={"data": {"layout": "folder", "path": tmp_path / "eval"}, "class_names": names},
+    )
+    before = fingerprint_of(describe(cfg, tmp_path / "run")[2])
+    assert fingerprint_of(describe(cfg, tmp_path / "run")[2]) == before
+    names.write_text(json.dumps({"a": "tiger shark"}))
+    assert fingerprint_of(describe(cfg, tmp_path / "run")[2]) != before

@@ -143,7 +143,7 @@ def _evaluate(**extra):
                     "templates": ["a photo"],
                 }
             },
-            "templates must be a non-empty list of strings containing '{}'",
+            "template 'a photo' must contain '{}' once and no other braces",
         ),
     ],
 )
