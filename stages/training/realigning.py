@@ -125,7 +125,9 @@ def image_embeddings(cfg, ctx: RunContext, clip, refs, units: list[str], engine,
     """`embeddings/<name>/<shard>.npy` for every shard (this rank's share first, then any still
     missing), concatenated in shard and key order."""
     folder = RunLayout(ctx.root).embeddings(cfg.name)
-    settings = {"source": checkpoint_identity(str(source)), "format_version": 1}
+    # the images too: embeddings of re-downloaded shards must not be reused from the cache
+    images = RunLayout(ctx.root).downloaded().fingerprint
+    settings = {"source": checkpoint_identity(str(source)), "images": images, "format_version": 1}
     preprocess = clip.model.visual.preprocess_cfg
     dataset = CaptionedImages(
         refs,
