@@ -1,0 +1,56 @@
+"""One process per lock file: an exclusive `flock` held while a stage runs on one rank.
+
+The lock file `<folder>/<name>.lock` holds the owner's pid and host, so a second process can say who
+holds it. The kernel releases the lock when its process exits, however it exits (kill -9 included),
+so a lock left by a dead process is simply taken over: nothing to clean up by hand.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock; `owner` is what it wrote (pid, host)."""
+
+    def __init__(self, path: Path, owner: dict) -> None:
+        super().__init__(f"{path} is held by pid {owner.get('pid', '?')} on host {owner.get('host', '?')}")
+        self.path, self.owner = path, owner
+
+
+class FileLock:
+    """`with FileLock(path):` holds `path` exclusively or raises `LockHeld` at once (never waits)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def __enter__(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _read_owner(fd)
+            os.close(fd)
+            raise LockHeld(self.path, owner) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock; the file stays (unlinking would race)
+            self._fd = None
+
+
+def _read_owner(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:  # being written right now
+        return {}
