@@ -1,8 +1,10 @@
-"""`blip` backend: BLIP and BLIP-2 (transformers), k captions per image; see captioning/generative.py."""
+"""`blip` backend: BLIP and BLIP-2 (any family works; see captioning/vlm.py). Prompts are text prefixes;
+without prompts the model captions from the image alone."""
 
 from __future__ import annotations
 
-from captioning.base import CaptionerError, GenerationOptions, RuntimeOptions
+from captioning import vlm
+from captioning.base import GenerationOptions, RuntimeOptions
 from captioning.generative import GenerativeCaptioner
 
 
@@ -12,8 +14,4 @@ def build(
     generation: GenerationOptions = GenerationOptions(),
     runtime: RuntimeOptions = RuntimeOptions(),
 ) -> GenerativeCaptioner:
-    if not model:
-        raise CaptionerError("the blip backend needs `model` (a hub name or a local folder)")
-    prompts = list(generation.prompts)
-    # BLIP conditions on a text prefix; without prompts it captions from the image alone
-    return GenerativeCaptioner("blip", model, k, generation, runtime, prompts, prompts)
+    return vlm.build(model, k, generation, runtime, name="blip")

@@ -1,9 +1,15 @@
-"""Generative captioners through transformers: BLIP, BLIP-2 and LLaVA-class models.
+"""Generative captioners through transformers: every family in captioning/families.py (BLIP, BLIP-2,
+LLaVA-1.5/NeXT/OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3/SmolVLM, PaliGemma, Florence-2).
 
-The model is a hub name or a local folder, loaded with `from_pretrained` either way. k captions
-per image come from nucleus sampling (`num_return_sequences`), beam search, or one per prompt.
-Prompt token ids are made once by the model's own processor (on a blank image, so BLIP-2's query
-tokens and LLaVA's expanded image tokens are right) and repeated for every batch.
+The model is a hub name or a local folder, loaded with `from_pretrained` either way. k captions per
+image come from nucleus sampling (`num_return_sequences`), beam search, or one per prompt.
+
+The model's own processor runs on the whole batch (in the DataLoader worker, `BatchProcessor`): the
+pictures with one prompt text each, written with the family's chat template or task prompt, padded on
+the left. So each family gets exactly the inputs its documented call makes: LLaVA-NeXT's `image_sizes`
+and per-picture tile counts, Qwen's `image_grid_thw` over flattened patches, Idefics3's
+`pixel_attention_mask`, token counts that differ per picture. The prompt is cut off each output by
+token position (`families.prompt_length`), never by matching text.
 """
 
 from __future__ import annotations
@@ -11,28 +17,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from captioning.base import CaptionBatchResult, CaptionerError, GenerationOptions, RuntimeOptions, torch_dtype
-from captioning.cleanup import strip_prompt
+from captioning.families import Family, UnsupportedFamily, decode_size, family_of, prompt_length, prompt_text
 
-# model_type -> class name in transformers; anything else goes through AutoModelForImageTextToText
-MODEL_CLASSES = {
-    "blip": "BlipForConditionalGeneration",
-    "blip-2": "Blip2ForConditionalGeneration",
-    "llava": "LlavaForConditionalGeneration",
-}
-DECODER_ONLY = {"blip-2", "llava"}  # their output starts with the full input ids
+NOT_GENERATE_INPUTS = {"labels"}  # PaliGemma's processor adds training labels; generate needs none
 
 
-class ImageProcessorTransform:
-    """PIL image -> pixel tensor with the model's own image processor (picklable, for workers)."""
+class BatchProcessor:
+    """list of PIL images -> one processor output per prompt (dicts of tensors). Runs in DataLoader
+    workers (picklable); `batched` tells the loader to call it on a batch, not on one picture."""
 
-    def __init__(self, image_processor) -> None:
-        self.image_processor = image_processor
+    batched = True
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+    def __init__(self, processor, family: Family, texts: list[str | None]) -> None:
+        self.processor, self.family, self.texts = processor, family, texts
+
+    def __call__(self, images: list) -> list[dict[str, torch.Tensor]]:
+        return [self._one(images, text) for text in self.texts]
+
+    def _one(self, images: list, text: str | None) -> dict[str, torch.Tensor]:
+        if self.family.images_per_text:
+            images = [[image] for image in images]
+        if text is None:  # caption from the picture alone (BLIP, BLIP-2 without a prefix)
+            out = self.processor(images=images, return_tensors="pt")
+        else:
+            out = self.processor(images=images, text=[text] * len(images), padding=True, return_tensors="pt")
+        return {k: v for k, v in out.items() if k not in NOT_GENERATE_INPUTS and isinstance(v, torch.Tensor)}
 
 
 def load_pretrained(model: str, runtime: RuntimeOptions):
@@ -44,11 +55,19 @@ def load_pretrained(model: str, runtime: RuntimeOptions):
         raise CaptionerError(f"model folder not found: {model}")
     try:
         config = transformers.AutoConfig.from_pretrained(model)
-        processor = transformers.AutoProcessor.from_pretrained(model, use_fast=True)  # torchvision-backed
-        cls = getattr(transformers, MODEL_CLASSES.get(config.model_type, "AutoModelForImageTextToText"))
-        network = cls.from_pretrained(model, dtype=torch_dtype(runtime.dtype))
+        family = family_of(config.model_type)
+        # the library's default image backend (torchvision here), as the model cards load it
+        processor = transformers.AutoProcessor.from_pretrained(model)
+        network = getattr(transformers, family.model_class).from_pretrained(
+            model, dtype=torch_dtype(runtime.dtype)
+        )
+    except UnsupportedFamily as err:
+        raise CaptionerError(f"caption model {model!r}: {err}") from err
     except (OSError, ValueError) as err:
         raise CaptionerError(f"cannot load caption model {model!r}: {str(err).splitlines()[0]}") from err
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None and not family.encoder_decoder:
+        tokenizer.padding_side = "left"  # batched decoder-only generation continues every row at the end
     return network.to(runtime.device).eval(), processor, config.model_type
 
 
@@ -56,62 +75,50 @@ class GenerativeCaptioner:
     """k captions per image from a vision-language model; see the module docstring."""
 
     def __init__(
-        self,
-        name: str,
-        model: str,
-        k: int,
-        options: GenerationOptions,
-        runtime: RuntimeOptions,
-        prompts: list[str],
-        chat_prompts: list[str],
+        self, name: str, model: str, k: int, options: GenerationOptions, runtime: RuntimeOptions
     ) -> None:
         self.name, self.model_name, self.k, self.options, self.runtime = name, model, k, options, runtime
         self.model, self.processor, self.model_type = load_pretrained(model, runtime)
-        self.prompts = prompts  # as written in the manifest (recorded in caption shards)
-        self._prompt_ids = [self._encode_prompt(text) for text in chat_prompts]
+        self.family = family_of(self.model_type)
+        default = [self.family.default_prompt] if self.family.default_prompt else []
+        self.prompts = list(options.prompts) or default  # as written (recorded in caption shards)
+        try:
+            texts = [prompt_text(self.family, self.processor, p) for p in self.prompts]
+        except UnsupportedFamily as err:
+            raise CaptionerError(f"caption model {model!r}: {err}") from err
+        if options.decoding != "prompts":  # k draws from the first prompt
+            texts = texts[:1]
+        self._texts: list[str | None] = texts or [None]
+        self.input_size = decode_size(self.family, self.processor.image_processor)
 
-    def image_transform(self) -> ImageProcessorTransform:
-        return ImageProcessorTransform(self.processor.image_processor)
-
-    @property
-    def input_size(self) -> int:
-        """The largest side the model looks at (JPEGs may be decoded at a reduced scale down to it)."""
-        image_processor = self.processor.image_processor
-        sizes = [
-            v
-            for d in (getattr(image_processor, "crop_size", None), image_processor.size)
-            if d
-            for v in dict(d).values()
-            if isinstance(v, int)
-        ]
-        return max(sizes)
-
-    def _encode_prompt(self, text: str) -> torch.Tensor:
-        blank = Image.new("RGB", (self.input_size, self.input_size))
-        return self.processor(images=[blank], text=[text], return_tensors="pt")["input_ids"][0]
+    def image_transform(self) -> BatchProcessor:
+        return BatchProcessor(self.processor, self.family, self._texts)
 
     @torch.inference_mode()
-    def caption(self, pixels: torch.Tensor, alt_texts: list[str]) -> CaptionBatchResult:
-        pixels = pixels.to(self.runtime.device, torch_dtype(self.runtime.dtype))
+    def caption(self, inputs: list[dict[str, torch.Tensor]], alt_texts: list[str]) -> CaptionBatchResult:
+        """`inputs`: the BatchProcessor's output for the batch's pictures (one dict per prompt)."""
+        n = len(alt_texts)
         if self.options.decoding == "prompts":
-            per_prompt = [self._generate(pixels, ids, 1) for ids in self._prompt_ids]
-            captions = [[texts[i][0] for texts in per_prompt] for i in range(len(pixels))]
+            per_prompt = [self._generate(batch, 1) for batch in inputs]
+            captions = [[texts[i][0] for texts in per_prompt] for i in range(n)]
         else:
-            ids = self._prompt_ids[0] if self._prompt_ids else None
-            captions = self._generate(pixels, ids, self.k)
-        return CaptionBatchResult(captions, prompts=self.prompts)
+            captions = self._generate(inputs[0], self.k)
+        # prompts were cut off by token position: no text to strip in cleanup
+        return CaptionBatchResult(captions, prompts=[])
 
-    def _generate(self, pixels: torch.Tensor, prompt_ids: torch.Tensor | None, k: int) -> list[list[str]]:
-        inputs = {"pixel_values": pixels}
-        if prompt_ids is not None:
-            inputs["input_ids"] = prompt_ids.to(self.runtime.device).repeat(len(pixels), 1)
-            inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        output = self.model.generate(**inputs, **self._decoding_kwargs(k))
-        if self.model_type in DECODER_ONLY and prompt_ids is not None:
-            output = output[:, inputs["input_ids"].shape[1] :]
-        texts = self.processor.batch_decode(output, skip_special_tokens=True)
-        texts = [strip_prompt(t, self.prompts) for t in texts]
-        return [texts[i * k : (i + 1) * k] for i in range(len(pixels))]
+    def _generate(self, batch: dict[str, torch.Tensor], k: int) -> list[list[str]]:
+        batch = {k_: self._to_device(v) for k_, v in batch.items()}
+        output = self.model.generate(**batch, **self._decoding_kwargs(k))
+        queries = getattr(self.model.config, "num_query_tokens", 0)
+        start = prompt_length(self.family, self.model_type, batch, queries)
+        texts = self.processor.batch_decode(output[:, start:], skip_special_tokens=True)
+        rows = len(texts) // k
+        return [texts[i * k : (i + 1) * k] for i in range(rows)]
+
+    def _to_device(self, value: torch.Tensor) -> torch.Tensor:
+        if value.is_floating_point():  # pixels; ids, masks, image sizes and grids keep their dtype
+            return value.to(self.runtime.device, torch_dtype(self.runtime.dtype))
+        return value.to(self.runtime.device)
 
     def _decoding_kwargs(self, k: int) -> dict:
         opts = self.options
@@ -121,6 +128,15 @@ class GenerativeCaptioner:
             "num_return_sequences": k,
         }
         if opts.decoding == "sample":
-            return {**common, "do_sample": True, "top_p": opts.top_p, "temperature": opts.temperature}
+            # pure nucleus sampling: a checkpoint's generation_config (Qwen's top_k=1, Florence-2's
+            # num_beams=3) must not turn it into greedy or beam sampling
+            return {
+                **common,
+                "do_sample": True,
+                "top_p": opts.top_p,
+                "top_k": 0,
+                "temperature": opts.temperature,
+                "num_beams": 1,
+            }
         beams = max(opts.num_beams or k, k)
         return {**common, "do_sample": False, "num_beams": beams}

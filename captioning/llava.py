@@ -1,28 +1,11 @@
-"""`llava` backend: LLaVA-class models through transformers with the processor's chat template.
-
-Each prompt is wrapped as a user turn with the image; the prompt is stripped from the output.
-"""
+"""`llava` backend, kept for existing manifests: LLaVA-class models with the processor's chat template
+(each prompt a user turn with the image). The same captioner as `vlm` (captioning/vlm.py)."""
 
 from __future__ import annotations
 
-from captioning.base import CaptionerError, GenerationOptions, RuntimeOptions
+from captioning import vlm
+from captioning.base import GenerationOptions, RuntimeOptions
 from captioning.generative import GenerativeCaptioner
-
-DEFAULT_PROMPT = "Describe the image in one sentence."
-
-
-def chat_prompt(processor, prompt: str) -> str:
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(conversation, add_generation_prompt=True)
-
-
-class LlavaCaptioner(GenerativeCaptioner):
-    def __init__(self, model: str, k: int, generation: GenerationOptions, runtime: RuntimeOptions) -> None:
-        self._prompts_as_written = list(generation.prompts) or [DEFAULT_PROMPT]
-        super().__init__("llava", model, k, generation, runtime, self._prompts_as_written, [])
-        if getattr(self.processor, "chat_template", None) is None:
-            raise CaptionerError(f"caption model {model!r}: its processor has no chat template")
-        self._prompt_ids = [self._encode_prompt(chat_prompt(self.processor, p)) for p in self.prompts]
 
 
 def build(
@@ -30,7 +13,5 @@ def build(
     k: int = 5,
     generation: GenerationOptions = GenerationOptions(),
     runtime: RuntimeOptions = RuntimeOptions(),
-) -> LlavaCaptioner:
-    if not model:
-        raise CaptionerError("the llava backend needs `model` (a hub name or a local folder)")
-    return LlavaCaptioner(model, k, generation, runtime)
+) -> GenerativeCaptioner:
+    return vlm.build(model, k, generation, runtime, name="llava")

@@ -3,6 +3,12 @@
 Each worker takes whole shards (`shards[worker::workers]`) and yields, per image, its key, the
 backend's tensor(s) and the alt text, then one end-of-shard item; a corrupt image is yielded with
 `ok=False` instead of tensors, so it is counted and gets an empty caption list.
+
+A transform is either per picture (PIL image -> tensor; the batch gets them stacked) or, when it has
+`batched = True`, called once per batch on the list of pictures (a VLM processor, which pads and tiles
+pictures of different sizes together as its model expects); both run in the worker, so only tensors
+cross to the main process. A transform with `encoded = True` gets the image file's bytes as stored,
+undecoded (the server backend's data URLs); a batch gets the list of what it returned.
 """
 
 from __future__ import annotations
@@ -47,25 +53,64 @@ class ShardImages(IterableDataset):
     def _item(self, unit: str, sample: dict) -> dict:
         alt = sample.get("txt", b"").decode("utf-8", "replace")
         try:
-            image = decode_image(sample["jpg"], self.decode_size)
-            tensors = [transform(image) for transform in self.transforms]
+            # an `encoded` transform takes the file's bytes as stored (a server backend's data URL)
+            decoded = not all(_encoded(t) for t in self.transforms)
+            image = decode_image(sample["jpg"], self.decode_size) if decoded else None
+            tensors = [
+                t(sample["jpg"]) if _encoded(t) else None if _batched(t) else t(image)
+                for t in self.transforms
+            ]
         except Exception as err:  # any undecodable image: counted, never fatal for the shard
             log.debug("shard %s key %s: cannot decode image (%s)", unit, sample["__key__"], err)
             return {"unit": unit, "key": sample["__key__"], "ok": False, "alt": alt}
-        return {"unit": unit, "key": sample["__key__"], "ok": True, "tensors": tensors, "alt": alt}
+        item = {"unit": unit, "key": sample["__key__"], "ok": True, "tensors": tensors, "alt": alt}
+        if any(_batched(t) for t in self.transforms):
+            item["image"] = image  # for the batch transform in `collate`; never leaves the worker
+        return item
+
+    def collate(self, items: list[dict]) -> dict:
+        """In the worker: per transform, the stacked tensors of the decodable images or the batch
+        transform's output, so a batch crosses to the main process as a few tensors."""
+        ok = [item for item in items if item.get("ok")]
+        try:
+            tensors = self._tensors(ok)
+        except Exception:  # a picture the processor cannot take: find it, count it as corrupt
+            _mark_failing(ok, [t for t in self.transforms if _batched(t)])
+            tensors = self._tensors([item for item in ok if item["ok"]])
+        return {
+            "items": [{k: v for k, v in item.items() if k not in ("tensors", "image")} for item in items],
+            "tensors": tensors,
+        }
+
+    def _tensors(self, ok: list[dict]) -> list:
+        return [_collated(t, i, ok) for i, t in enumerate(self.transforms)] if ok else []
 
 
-def collate(items: list[dict]) -> dict:
-    """In the worker: stack the tensors of the decodable images, one tensor per transform, so a
-    batch crosses to the main process as a few tensors instead of one per image."""
-    ok = [item for item in items if item.get("ok")]
-    tensors = (
-        [torch.stack([item["tensors"][i] for item in ok]) for i in range(len(ok[0]["tensors"]))] if ok else []
-    )
-    return {
-        "items": [{k: v for k, v in item.items() if k != "tensors"} for item in items],
-        "tensors": tensors,
-    }
+def _batched(transform: Callable) -> bool:
+    return getattr(transform, "batched", False)
+
+
+def _encoded(transform: Callable) -> bool:
+    return getattr(transform, "encoded", False)
+
+
+def _collated(transform: Callable, index: int, ok: list[dict]):
+    if _encoded(transform):
+        return [item["tensors"][index] for item in ok]
+    if _batched(transform):
+        return transform([item["image"] for item in ok])
+    return torch.stack([item["tensors"][index] for item in ok])
+
+
+def _mark_failing(ok: list[dict], batch_transforms: list[Callable]) -> None:
+    """Run the batch transforms on each picture alone; the ones they fail on get `ok=False`."""
+    for item in ok:
+        try:
+            for transform in batch_transforms:
+                transform([item["image"]])
+        except Exception as err:
+            log.warning("shard %s key %s: the processor fails on it (%s)", item["unit"], item["key"], err)
+            item["ok"] = False
 
 
 def image_batches(
@@ -77,11 +122,12 @@ def image_batches(
 ) -> DataLoader:
     """Batches `{"items": [...], "tensors": [...]}` in shard order per worker (see `collate`)."""
     workers = min(workers, len(shards))
+    dataset = ShardImages(shards, transforms, decode_size)
     return DataLoader(
-        ShardImages(shards, transforms, decode_size),
+        dataset,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=collate,
+        collate_fn=dataset.collate,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
