@@ -1,28 +1,50 @@
-"""The caption bank for the retrieval backend: read, exact-string deduplicate, embed once, cache.
+"""The caption bank for the retrieval backend: read, exact-string deduplicate, embed once per run, cache.
 
-Cache: `<root>/caption_bank/<fingerprint>/<chunk>.npy` (+ `_done/` markers), one chunk per
-`CHUNK_ROWS` captions, so a large bank's embedding resumes after an interruption. The fingerprint
-covers the bank's content and the CLIP model, so a changed bank or model gets a fresh cache.
+Cache `<root>/caption_bank/<fingerprint>/` (the fingerprint covers the bank's content and the CLIP
+model, so a changed bank or model gets a fresh cache):
+
+    texts.arrow           the deduplicated captions, row i = bank id i (Arrow IPC, memory-mapped)
+    000000.npy ...        fp16 embeddings, CHUNK_ROWS rows per chunk (memory-mapped by every rank)
+    ivfpq-<params>.faiss  the approximate index, when `index: ivfpq`
+    _done/<unit>.json     one marker per unit above, written last
+
+Units are split over the ranks: rank 0 writes the texts and the index, chunk i belongs to rank
+i % world_size. A rank that needs a unit another rank owns waits for its marker; when no new marker
+has appeared for `bank_wait_seconds` it stops with an error naming the unit and its owner. A unit
+whose marker is missing is redone by its owner (an interrupted run resumes; orphans are removed).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from captioning.bank_search import (
+    TEXTS_FILE,
+    ApproximateSearch,
+    BankFormatError,
+    BankTexts,
+    BankVectors,
+    build_ivfpq,
+    ivfpq_params,
+    write_texts,
+)
 from shards import markers
-from shards.atomic import atomic_write
-from shards.naming import rank_split, shard_name
+from shards.atomic import atomic_write, remove_orphans, tmp_path_for
+from shards.naming import shard_name
 from shards.tables import TableError, read_table
 from stages.base import fingerprint_of
-from stages.errors import StageConfigError
+from stages.errors import ShardError, StageConfigError
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 100_000
+TEXTS_UNIT = "texts"
+POLL_SECONDS = 0.5
 
 
 def read_bank(path: Path, column: str) -> list[str]:
@@ -47,36 +69,138 @@ def bank_fingerprint(identity: dict) -> str:
     """The cache folder's name: the bank's content and the CLIP model that embeds it (the caption
     stage's `model_identity`; a scoring model does not change the bank's embeddings)."""
     model = {k: identity.get(k) for k in ("model", "pretrained", "pretrained_sha256")}
-    return fingerprint_of({"bank_sha256": identity["bank_sha256"], "model": model, "version": 2})
+    return fingerprint_of({"bank_sha256": identity["bank_sha256"], "model": model, "version": 3})
 
 
-def bank_embeddings(
-    texts: list[str], clip, cache_dir: Path, batch_size: int, rank: int, world_size: int, show_progress: bool
-) -> np.ndarray:
-    """Embeddings of `texts` in order, computing only the chunks not cached yet.
+class Bank:
+    """An opened bank: texts by id, fp16 vectors, the folder (for the cached index)."""
 
-    Each rank embeds its share of the chunks first, then any chunk still missing (so ranks that
-    run at different times never wait on each other; ranks running together rarely overlap).
-    """
-    chunks = [shard_name(i) for i in range(math.ceil(len(texts) / CHUNK_ROWS))]
-    ordered = rank_split(chunks, rank, world_size) + [
-        c for c in chunks if c not in rank_split(chunks, rank, world_size)
-    ]
-    todo = [c for c in ordered if markers.read_marker(cache_dir, c) is None]
+    def __init__(self, folder: Path, texts: BankTexts, vectors: BankVectors, embedded=()) -> None:
+        self.folder, self.texts, self.vectors = folder, texts, vectors
+        self.embedded = list(embedded)  # the chunks this rank embedded in this call
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def _wait_for(cache_dir: Path, unit: str, owner: int, timeout: float, watched: list[str]) -> dict:
+    """The marker of `unit`, waiting while other units of the bank keep finishing."""
+    last_progress, seen = time.monotonic(), None
+    while True:
+        marker = markers.read_marker(cache_dir, unit)
+        if marker is not None:
+            return marker
+        done = sum(markers.marker_path(cache_dir, u).exists() for u in watched)
+        if done != seen:
+            last_progress, seen = time.monotonic(), done
+        if time.monotonic() - last_progress > timeout:
+            raise ShardError(
+                f"caption bank {cache_dir}: unit {unit!r} (owned by rank {owner}) not done after "
+                f"waiting {timeout:.0f} s without progress; is rank {owner} running? (bank_wait_seconds)"
+            )
+        time.sleep(POLL_SECONDS)
+
+
+def _write_texts(section, cache_dir: Path) -> None:
+    texts = read_bank(section.bank, section.bank_col)
+    tmp = tmp_path_for(cache_dir / TEXTS_FILE)
+    try:
+        write_texts(tmp, texts)
+        tmp.replace(cache_dir / TEXTS_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    markers.write_marker(cache_dir, TEXTS_UNIT, {"rows": len(texts)})
+
+
+def embed_chunk(texts: BankTexts, clip, cache_dir: Path, chunk: str, rows: int, batch_size: int, rank: int):
+    start = int(chunk) * rows
+    vectors = clip.encode_texts(texts.slice(start, min(start + rows, len(texts))), batch_size)
+    with atomic_write(cache_dir / f"{chunk}.npy") as handle:
+        np.save(handle, vectors.astype(np.float16))
+    markers.write_marker(
+        cache_dir,
+        chunk,
+        {"rows": len(vectors), "dim": int(vectors.shape[1]), "dtype": "float16", "rank": rank},
+    )
+
+
+def prepare_bank(
+    section,
+    clip,
+    cache_dir: Path,
+    rank: int,
+    world_size: int,
+    show_progress: bool,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Bank:
+    """The bank's texts and embeddings, computing this rank's missing units and waiting for the
+    others'. `section` is the stage's RetrievalSection (bank, bank_col, bank_batch_size,
+    bank_wait_seconds)."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    timeout = float(section.bank_wait_seconds)
+    if rank == 0:
+        remove_orphans(cache_dir, TEXTS_FILE)
+        if markers.read_marker(cache_dir, TEXTS_UNIT) is None:
+            _write_texts(section, cache_dir)
+    texts_marker = _wait_for(cache_dir, TEXTS_UNIT, 0, timeout, [TEXTS_UNIT])
+    try:
+        texts = BankTexts(cache_dir / TEXTS_FILE, texts_marker["rows"])
+    except BankFormatError as err:
+        raise ShardError(f"caption bank: {err}; delete {markers.marker_path(cache_dir, TEXTS_UNIT)}") from err
+    chunks = [shard_name(i) for i in range(math.ceil(len(texts) / chunk_rows))]
+    mine = [c for i, c in enumerate(chunks) if i % world_size == rank]
+    for chunk in mine:
+        remove_orphans(cache_dir, chunk)
+        remove_orphans(cache_dir / markers.DONE_DIR, chunk)
+    todo = [c for c in mine if markers.read_marker(cache_dir, c) is None]
     if todo:
         log.info(
-            "caption bank: embedding %d captions (%d of %d chunks) into %s",
-            len(texts),
+            "caption bank: rank %d embeds %d of %d chunks (%d captions in all) into %s",
+            rank,
             len(todo),
             len(chunks),
+            len(texts),
             cache_dir,
         )
     for chunk in tqdm(todo, desc="caption bank", unit="chunk", disable=not show_progress or len(todo) < 2):
-        if markers.read_marker(cache_dir, chunk) is not None:  # another rank finished it meanwhile
-            continue
-        start = int(chunk) * CHUNK_ROWS
-        vectors = clip.encode_texts(texts[start : start + CHUNK_ROWS], batch_size, progress=show_progress)
-        with atomic_write(cache_dir / f"{chunk}.npy") as handle:
-            np.save(handle, vectors.astype(np.float32))
-        markers.write_marker(cache_dir, chunk, {"rows": len(vectors)})
-    return np.concatenate([np.load(cache_dir / f"{c}.npy") for c in chunks])
+        embed_chunk(texts, clip, cache_dir, chunk, chunk_rows, section.bank_batch_size, rank)
+    found = [_wait_for(cache_dir, c, int(c) % world_size, timeout, chunks) for c in chunks]
+    try:
+        vectors = BankVectors(
+            [cache_dir / f"{c}.npy" for c in chunks], [(m["rows"], m.get("dim")) for m in found]
+        )
+    except BankFormatError as err:
+        raise ShardError(f"caption bank: {err}; delete its marker to embed it again") from err
+    return Bank(cache_dir, texts, vectors, todo)
+
+
+def index_unit(section, bank: Bank) -> str:
+    nlist, pq_m = ivfpq_params(len(bank), bank.vectors.dim, section.ivf_nlist, section.pq_m)
+    return f"ivfpq-{nlist}-{pq_m}"
+
+
+def prepare_index(section, bank: Bank, rank: int, seed: int = 0) -> ApproximateSearch:
+    """The cached IVF-PQ index beside the bank: rank 0 builds it (to a temporary name, renamed, then
+    its marker), the other ranks wait for the marker."""
+    try:
+        unit = index_unit(section, bank)
+    except ValueError as err:
+        raise StageConfigError(f"caption.retrieval: {err}") from err
+    path = bank.folder / f"{unit}.faiss"
+    if rank == 0 and markers.read_marker(bank.folder, unit) is None:
+        remove_orphans(bank.folder, unit)
+        tmp = tmp_path_for(path)
+        start = time.monotonic()
+        log.info("caption bank: building %s for %d captions", unit, len(bank))
+        try:
+            build_ivfpq(bank.vectors, tmp, section.ivf_nlist, section.pq_m, seed)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        markers.write_marker(bank.folder, unit, {"rows": len(bank), "seconds": time.monotonic() - start})
+    _wait_for(bank.folder, unit, 0, float(section.bank_wait_seconds), [unit])
+    try:
+        return ApproximateSearch(bank.vectors, path, section.ivf_nprobe)
+    except BankFormatError as err:
+        raise ShardError(f"caption bank: {err}; delete {markers.marker_path(bank.folder, unit)}") from err
