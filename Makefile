@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: venv demo test lint bench clean-demo slurm-packages
+.PHONY: venv demo test lint bench clean-demo slurm-packages browser-packages
 
 venv: $(STAMP)
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(PY) -m examples.demo
 
-test: venv slurm-packages lint
+test: venv slurm-packages browser-packages lint
 	$(PY) -m pytest -q
 
 # ruff (pinned in the test extra): the lint rules and the formatting in pyproject.toml
@@ -41,6 +41,14 @@ slurm-packages:
 	  apt-get install -y -q --no-install-recommends $(SLURM_PACKAGES) >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends $(SLURM_PACKAGES) >/dev/null 2>&1; } || \
 	  echo "note: could not install $(SLURM_PACKAGES); the SLURM tests will be skipped"; }
+
+# The inspect page's test renders it in Debian's headless chromium; install it when missing.
+# Not fatal: without root or apt that test skips and says why.
+browser-packages:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } || \
+	  echo "note: could not install chromium; the inspect page's browser test will be skipped"; }
 
 bench: venv
 	$(PY) benchmarks/download.py

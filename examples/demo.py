@@ -6,8 +6,10 @@ Once per run root (kept by later runs): generates the world (examples/world.py) 
 and pre-trains its tiny CLIP (examples/world_clip.py) into `<root>/models/`. Then serves the world's
 files on 127.0.0.1 (the URL table keeps the port it was made with, so a second run resumes instead
 of seeing a changed input) while the stages of the manifest run: download -> caption (caption-bank
-retrieval) -> finetune (MCIP) -> realign -> evaluate, and prints the comparison table and the report's
-path. A second run finds every unit done and prints the table again.
+retrieval) -> finetune (MCIP) -> realign -> evaluate (training under DeepSpeed ZeRO-2, one process on
+the CPU), builds the inspect page of the caption set (`python -m pipeline inspect`), and prints the
+comparison table, the report's path and the page's path. A second run finds every unit done and
+prints them again.
 """
 
 from __future__ import annotations
@@ -69,6 +71,16 @@ def evaluation_report(manifest_path: Path) -> Path | None:
     return folder / "report.md" if (folder / "report.md").exists() else None
 
 
+def inspect_page(manifest_path: Path) -> Path | None:
+    """The inspect page of the demo's caption set (stages/inspect.py), rebuilt after every run."""
+    from stages.inspect import build_page
+
+    manifest = load_manifest(manifest_path)
+    if manifest.stages.caption is None:
+        return None
+    return build_page(manifest.run.root, manifest.stages.caption.caption_set)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, default=MANIFEST)
@@ -90,9 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with server:
         code = pipeline_main(["run", str(args.manifest)])
-    report = evaluation_report(args.manifest)
-    if code == 0 and report is not None:  # the evaluate stage has logged the table above
+    if code != 0:
+        return code
+    page, report = inspect_page(args.manifest), evaluation_report(args.manifest)
+    if report is not None:  # the evaluate stage has logged the table above
         print(f"report: {report}")
+    if page is not None:
+        print(f"inspect page: {page}")
     return code
 
 

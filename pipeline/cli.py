@@ -5,6 +5,7 @@
     python -m pipeline run examples/demo.yaml [--stage S | --from S] [--force] [--retry-failed]
     python -m pipeline status examples/demo.yaml [--json]
     python -m pipeline export examples/demo.yaml --captions retrieval --to runs/demo/export
+    python -m pipeline inspect examples/demo.yaml --captions retrieval [--shards 000000] [--samples 64]
     python -m pipeline submit examples/demo.yaml [--dry-run]     # SLURM: one job per stage (slurm_cli.py)
 
 Exit code 0 on success; otherwise one line `error: ...` on stderr and exit code 2.
@@ -59,8 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("manifest")
     export.add_argument("--captions", required=True, metavar="SET", help="caption set (captions/<SET>)")
     export.add_argument("--to", required=True, type=Path, metavar="DIR", help="output folder")
+    _add_inspect_parser(sub)
     slurm_cli.add_parsers(sub)
     return parser
+
+
+def _add_inspect_parser(sub) -> None:
+    inspect = sub.add_parser(
+        "inspect", help="a static HTML page of images with their captions (or downloads)"
+    )
+    inspect.add_argument("manifest")
+    what = inspect.add_mutually_exclusive_group()
+    what.add_argument("--captions", metavar="SET", help="caption set (captions/<SET>)")
+    what.add_argument("--download", action="store_true", help="the download alone (the default)")
+    inspect.add_argument("--shards", metavar="LIST", help="comma-separated shards, e.g. 000000,000003")
+    inspect.add_argument("--samples", type=int, default=64, metavar="N", help="images shown (default 64)")
+    inspect.add_argument("--out", type=Path, metavar="DIR", help="default <root>/inspect/<what>/")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,12 +163,21 @@ def _export(args, manifest, ctx) -> int:
     return 0
 
 
+def _inspect(args, manifest, ctx) -> int:
+    from stages.inspect import build_page, parse_shards
+
+    page = build_page(manifest.run.root, args.captions, parse_shards(args.shards), args.samples, args.out)
+    print(f"inspect page: {page}")
+    return 0
+
+
 COMMANDS = {
     "validate": _validate,
     "plan": _plan,
     "status": _status,
     "run": _run,
     "export": _export,
+    "inspect": _inspect,
     "submit": slurm_cli.submit,
     "slurm-steps": slurm_cli.slurm_steps,
 }

@@ -9,6 +9,10 @@ One row per image of the image shard `images/<shard>.tar`, in the tar's key orde
     model     string          the captioning model as named in the manifest
     prompts   list<string>    the prompts as written in the manifest
     seed      int64           the seed the captions were drawn with
+    dropped   list<struct<text: string, score: float32, reason: string>>
+                              optional: the captions the filter removed and why ("duplicate",
+                              "fewer than 3 words", "below min_score 0.2", "beyond keep_top 5");
+                              null in shards written before it existed or by writers that omit it
 
 A caption set is named by the folder under `captions/`; `ALT_TEXT` ("alt") is the reserved name
 of the text downloaded with each image (`<key>.txt` in the tar), which has no caption shards.
@@ -34,6 +38,10 @@ SCHEMA = pa.schema(
         ("model", pa.string()),
         ("prompts", pa.list_(pa.string())),
         ("seed", pa.int64()),
+        (
+            "dropped",
+            pa.list_(pa.struct([("text", pa.string()), ("score", pa.float32()), ("reason", pa.string())])),
+        ),
     ]
 )
 
@@ -48,8 +56,16 @@ class CaptionRow:
     scores: tuple[float, ...] | None
 
 
+@dataclass(frozen=True)
+class DroppedCaption:
+    text: str
+    score: float | None
+    reason: str
+
+
 def write_caption_shard(path: Path, rows: list[dict]) -> None:
-    """Rows with the SCHEMA's fields, written under a temporary name and renamed."""
+    """Rows with the SCHEMA's fields (`dropped` may be left out), written under a temporary name and
+    renamed."""
     write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA), Path(path))
 
 
@@ -68,4 +84,19 @@ def read_caption_shard(path: Path, keys: list[str] | None = None) -> dict[str, C
     return {
         key: CaptionRow(tuple(captions), tuple(scores) if scores is not None else None)
         for key, captions, scores in zip(table["key"], table["captions"], table["scores"])
+    }
+
+
+def read_dropped(path: Path) -> dict[str, tuple[DroppedCaption, ...]]:
+    """The dropped captions by key; empty tuples for a shard without the `dropped` column."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        raise CaptionShardError(f"{path}: unreadable caption shard ({str(err).splitlines()[0]})") from None
+    keys = table.column("key").to_pylist()
+    if "dropped" not in table.column_names:
+        return {key: () for key in keys}
+    return {
+        key: tuple(DroppedCaption(d["text"], d["score"], d["reason"]) for d in (dropped or ()))
+        for key, dropped in zip(keys, table.column("dropped").to_pylist())
     }

@@ -4,7 +4,9 @@ The only module that imports deepspeed or accelerate; the loop talks to `Engine`
 which one runs. DeepSpeed configs live in `launch/deepspeed/`; this module fills in what must match
 the run (micro batch, gradient clipping, mixed precision only on GPU). On CPU, processes talk over
 gloo: accelerate needs `InitProcessGroupKwargs(backend="gloo")` for that, since `cpu=True` would
-silently drop DeepSpeed. Launch several processes with `torchrun --nproc_per_node N -m pipeline ...`.
+silently drop DeepSpeed. Launch several processes with `torchrun --nproc_per_node N -m pipeline ...`;
+started without torchrun, the engine makes the one-process group `torchrun --nproc_per_node 1` would
+(the demo trains this way), and each training stage of a run gets a fresh accelerate state.
 
     engine = make_engine(deepspeed_config="launch/deepspeed/zero2.json", micro_batch=32, grad_clip=1.0)
     model, optimizer = engine.prepare(model, optimizer)
@@ -98,8 +100,13 @@ class DeepSpeedEngine:
 
     def __init__(self, config: dict, micro_batch: int, grad_clip: float | None) -> None:
         from accelerate import Accelerator, DeepSpeedPlugin
+        from accelerate.state import AcceleratorState
         from accelerate.utils import InitProcessGroupKwargs
 
+        _one_process_group_unless_launched()
+        # a second training stage in the same process (finetune, then realign) needs its own plugin;
+        # accelerate refuses a new deepspeed_plugin on a live state, so start from a clean one
+        AcceleratorState._reset_state(reset_partial_state=True)
         on_gpu = torch.cuda.is_available()
         config = {
             **config,
@@ -139,6 +146,29 @@ class DeepSpeedEngine:
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+
+def _one_process_group_unless_launched() -> None:
+    """accelerate's DeepSpeed needs a process group even for one process: without torchrun's
+    variables, set the ones `torchrun --nproc_per_node 1` would (a free port on 127.0.0.1)."""
+    import os
+    import socket
+
+    if "RANK" in os.environ or dist.is_initialized():
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    defaults = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
 
 
 def make_engine(

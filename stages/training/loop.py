@@ -2,7 +2,9 @@
 
 Reads  batches from a `batches(epoch, start_position)` function; the loss from `compute_loss(batch)`.
 Writes `<out>/ckpt/step-XXXXXXXX/` (engine state, then `meta.json` last: a checkpoint counts only
-       when its meta exists), `<out>/metrics.jsonl` (one JSON line per step, appended across restarts).
+       when its meta exists), `<out>/metrics.jsonl` (one JSON line per step, appended across restarts)
+       and, when tensorboard is installed (the `tensorboard` extra), the same scalars plus grad norm
+       and samples/s as TensorBoard events in `<out>/tensorboard/` (`tensorboard --logdir <out>`).
 
 Every step: learning rates from the schedule (cosine per step), backward, clip (in the engine, after
 unscaling), optimizer step. A checkpoint every `checkpoint_every` steps and when SIGUSR1 or SIGTERM
@@ -109,12 +111,13 @@ def run_loop(
     )
     plan.out.mkdir(parents=True, exist_ok=True)
     metrics = open(plan.out / "metrics.jsonl", "a") if is_main else None
+    board = tensorboard_writer(plan.out) if is_main else None
     stopped = False
     with _StopFlag() as stop:
         while step < plan.total_steps and not stopped:
             epoch, position = divmod(step, plan.steps_per_epoch)
             for batch in batches(epoch, position * plan.batch_size):
-                step = _train_step(engine, model, optimizer, plan, batch, compute_loss, step, metrics)
+                step = _train_step(engine, model, optimizer, plan, batch, compute_loss, step, metrics, board)
                 progress.update(1)
                 if stop.raised is not None or step % plan.checkpoint_every == 0 or step == plan.total_steps:
                     save_checkpoint(engine, plan, step)
@@ -126,16 +129,21 @@ def run_loop(
     progress.close()
     if metrics:
         metrics.close()
+    if board:
+        board.close()
     return LoopResult(step, stopped, step * plan.batch_size * engine.world_size)
 
 
-def _train_step(engine, model, optimizer, plan: LoopPlan, batch, compute_loss, step: int, metrics) -> int:
+def _train_step(
+    engine, model, optimizer, plan: LoopPlan, batch, compute_loss, step: int, metrics, board=None
+) -> int:
     lr = plan.lr_at(step)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     started = time.monotonic()
     loss, parts = compute_loss(batch)
     engine.backward(loss)
+    grad_norm = _local_grad_norm(model) if board is not None else None
     engine.step()
     if metrics is not None:
         row = {
@@ -147,7 +155,47 @@ def _train_step(engine, model, optimizer, plan: LoopPlan, batch, compute_loss, s
         }
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
+        if board is not None:
+            _board_scalars(
+                board, row, _engine_grad_norm(model, grad_norm), plan.batch_size * engine.world_size
+            )
     return step + 1
+
+
+def tensorboard_writer(out: Path):
+    """A TensorBoard `SummaryWriter` into `<out>/tensorboard/`, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _board_scalars(board, row: dict, grad_norm: float | None, samples: int) -> None:
+    """`train/<name>` per metrics.jsonl value (loss terms, lr), grad norm and samples/s at `row["step"]`."""
+    step = row["step"]
+    for name, value in row.items():
+        if name not in ("step", "seconds"):
+            board.add_scalar(f"train/{name}", value, step)
+    if grad_norm is not None:
+        board.add_scalar("train/grad_norm", grad_norm, step)
+    if row["seconds"] > 0:
+        board.add_scalar("train/samples_per_second", samples / row["seconds"], step)
+
+
+def _local_grad_norm(model) -> float | None:
+    """The L2 norm of this rank's gradients before clipping (None when they live elsewhere, as in ZeRO)."""
+    import torch
+
+    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else None
+
+
+def _engine_grad_norm(model, fallback: float | None) -> float | None:
+    """DeepSpeed's global grad norm of the step just taken, else the norm measured before it."""
+    measure = getattr(model, "get_global_grad_norm", None)
+    value = measure() if callable(measure) else None
+    return float(value) if value is not None else fallback
 
 
 def save_checkpoint(engine, plan: LoopPlan, step: int) -> None:

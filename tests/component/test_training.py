@@ -240,3 +240,50 @@ def test_plain_torch_on_several_processes_is_refused(tmp_path, tiny_models, caps
     assert cli(["run", str(manifest), "--stage", "finetune"]) == 2
     assert "set deepspeed: to train on 2 processes" in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "run" / "finetune" / "mcip" / "ckpt").exists()
+
+
+def test_tensorboard_scalars_beside_metrics_when_installed(tmp_path, tiny_models):
+    pytest.importorskip("tensorboard", reason="the optional `tensorboard` extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _images(tmp_path / "run", shards=1)
+    assert cli(["run", str(_manifest(tmp_path, tiny_models, finetune={"epochs": 1}))]) == 0
+    for stage in ("finetune", "realign"):
+        out = tmp_path / "run" / stage / "mcip"
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        want = {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_second"}
+        assert want | {f"train/{k}" for k in rows[0] if k not in ("step", "seconds")} <= tags
+        losses = events.Scalars("train/loss")
+        assert [e.step for e in losses] == [r["step"] for r in rows]
+        assert [e.value for e in losses] == pytest.approx([r["loss"] for r in rows], rel=1e-5)
+        assert all(e.value > 0 for e in events.Scalars("train/grad_norm"))
+
+
+def test_one_process_without_torchrun_trains_both_stages_under_deepspeed(tmp_path, tiny_models):
+    """What the demo does: finetune then realign in one `run`, DeepSpeed ZeRO-2, no torchrun."""
+    _images(tmp_path / "run")
+    zero2 = str(REPO / "launch" / "deepspeed" / "zero2.json")
+    manifest = _manifest(
+        tmp_path,
+        tiny_models,
+        finetune={"deepspeed": zero2, "epochs": 1},
+        realign={"deepspeed": zero2, "max_steps": 2},
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(manifest)],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for stage in ("finetune", "realign"):  # DeepSpeed's own checkpoint layout, not plain torch's
+        assert list((tmp_path / "run" / stage / "mcip" / "ckpt").glob("step-*/pytorch_model/*")), stage
+    finetuned = _state(tmp_path / "run" / "finetune" / "mcip" / "final" / "model.pt")
+    realigned = _state(tmp_path / "run" / "realign" / "mcip" / "final" / "model.pt")
+    assert torch.equal(realigned["visual.conv1.weight"], finetuned["visual.conv1.weight"])
+    assert not torch.equal(realigned["text_projection"], finetuned["text_projection"])

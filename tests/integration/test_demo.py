@@ -31,7 +31,9 @@ def reduced_manifest(folder: Path, root: str = "run", shared: Path | None = None
     shared = shared or folder / root
     text = DEMO_YAML.read_text().replace("root: ../runs/demo", f"root: {folder / root}")
     data = yaml.safe_load(
-        text.replace("../runs/demo", str(shared)).replace("config_dir: ../", f"config_dir: {REPO}/")
+        text.replace("../runs/demo", str(shared))
+        .replace("config_dir: ../", f"config_dir: {REPO}/")
+        .replace("deepspeed: ../", f"deepspeed: {REPO}/")
     )
     for stage, values in SMALLER.items():
         data["stages"][stage].update(values)
