@@ -1,6 +1,7 @@
 """Benchmark: caption throughput and retrieval scaling, each variant measured in this one run.
 
     .venv/bin/python benchmarks/caption.py [--images 384] [--bank-sizes 250000,500000,1000000]
+    .venv/bin/python benchmarks/caption.py --server [--device cuda --server-model M --vllm-venv DIR]
 
 Part 1, the same images and the same BLIP (random weights, beam search, 3 captions per image), once
 with the tests' tiny BLIP and once with a compute-heavier small one:
@@ -8,6 +9,14 @@ with the tests' tiny BLIP and once with a compute-heavier small one:
   (b) bound: the model alone on pre-decoded, pre-processed batched tensors;
   (c) ours:  the caption stage end to end (image shards -> DataLoader workers -> parquet + markers).
 Targets: (c) >= 3x (a) and (c) >= 0.8x (b).
+
+Part 3 (--server), the `server` backend against the in-process `vlm` backend, same model, same images,
+same k (greedy, one caption per prompt, so both write the same captions): captions/s of the caption
+stage, the server started once beforehand (its start-up is reported apart).
+  --device cpu   tiny LLaVA-1.5 behind `transformers serve` (needs transformers[serving]).
+  --device cuda  a named model (--server-model) behind vLLM from its own environment (--vllm-venv or
+                 $VLLM_VENV: the folder holding bin/vllm), one GPU: captions/s/GPU, and the in-process
+                 backend in bfloat16 on the same GPU for the ratio.
 
 Part 2, the retrieval backend's search: 10k image embeddings against banks of growing size
 (random unit vectors of the tiny CLIP's width and of ViT-B's 512), exact faiss inner product plus
@@ -73,17 +82,18 @@ def naive(model_dir: Path, jpegs: list[bytes]) -> float:
     start = time.perf_counter()
     for jpeg in jpegs:
         image = Image.open(io.BytesIO(jpeg)).convert("RGB")
-        captioner.caption(transform(image)[None], [""])
+        captioner.caption(transform([image]), [""])  # the processor runs per batch (here of one)
     return time.perf_counter() - start
 
 
 def bound(model_dir: Path, jpegs: list[bytes]) -> float:
     captioner = get_captioner("blip", model=str(model_dir), k=K, generation=GENERATION)
     transform = captioner.image_transform()
-    pixels = torch.stack([transform(Image.open(io.BytesIO(j)).convert("RGB")) for j in jpegs])
+    images = [Image.open(io.BytesIO(j)).convert("RGB") for j in jpegs]
+    batches = [transform(images[i : i + BATCH]) for i in range(0, len(images), BATCH)]
     start = time.perf_counter()
-    for i in range(0, len(pixels), BATCH):
-        captioner.caption(pixels[i : i + BATCH], [""] * len(pixels[i : i + BATCH]))
+    for i, inputs in zip(range(0, len(images), BATCH), batches):
+        captioner.caption(inputs, [""] * len(images[i : i + BATCH]))
     return time.perf_counter() - start
 
 
@@ -128,6 +138,68 @@ def part_one(images: int, workers: int, size: str) -> None:
     print(f"(c)/(a) = {c / a:.2f}  (target >= 3)    (c)/(b) = {c / b:.2f}  (target >= 0.8)")
 
 
+SERVER_PROMPTS = ["Describe the image in one sentence.", "What is in the picture?", "Caption this photo."]
+
+
+def _caption_seconds(cfg, root: Path) -> float:
+    start = time.perf_counter()
+    assert caption.run(cfg, RunContext(root=root)).is_complete
+    return time.perf_counter() - start
+
+
+def part_three(images: int, workers: int, device: str, model: str | None, vllm_venv: str | None) -> None:
+    from stages.caption.server_process import started
+    from stages.layout import RunLayout
+
+    work = Path(tempfile.mkdtemp(prefix="bench-server-"))
+    if device == "cpu":
+        model = str(model or tiny_models.save_tiny_llava(work / "llava"))
+        serve = (
+            f"{Path(sys.executable).parent / 'transformers'} serve {{model}} --host 127.0.0.1 --port {{port}}"
+        )
+        serve += " --device cpu --dtype float32"
+        dtype, max_tokens, batch = "float32", 12, BATCH
+    else:
+        venv = vllm_venv or os.environ.get("VLLM_VENV")
+        if not model or not venv:
+            raise SystemExit("--device cuda needs --server-model and --vllm-venv (or $VLLM_VENV)")
+        serve = f"CUDA_VISIBLE_DEVICES={{gpu}} {Path(venv) / 'bin' / 'vllm'} serve {{model}} --port {{port}}"
+        dtype, max_tokens, batch = "bfloat16", 30, 256
+    generation = GenerationOptions(
+        decoding="prompts", prompts=SERVER_PROMPTS, max_new_tokens=max_tokens, min_new_tokens=0
+    )
+    common = dict(
+        model=model,
+        generation=generation,
+        batch_size=batch,
+        num_workers=workers,
+        filter={"min_words": 0, "dedupe": False},
+    )
+    for name in ("inproc", "served"):
+        make_shards(work / name, images)
+    inproc = caption.CaptionConfig(backend="vlm", dtype=dtype, device=device, **common)
+    rows = [("in-process `vlm` backend", _caption_seconds(inproc, work / "inproc"))]
+    launcher = caption.CaptionConfig(
+        backend="server", server={"serve": serve, "startup_timeout_s": 1800}, **common
+    )
+    begin = time.perf_counter()
+    with started(launcher, RunContext(root=work / "served"), RunLayout(work / "served")) as endpoint:
+        startup = time.perf_counter() - begin
+        served = caption.CaptionConfig(
+            backend="server", server={"endpoint": endpoint, "max_concurrency": 64}, **common
+        )
+        engine = "transformers serve" if device == "cpu" else "vLLM"
+        rows.append((f"`server` backend ({engine})", _caption_seconds(served, work / "served")))
+    captions = images * len(SERVER_PROMPTS)
+    print(f"\nserver vs in-process: {images} images, {model}, {device}, k={len(SERVER_PROMPTS)} greedy")
+    print(f"{'variant':<40}{'seconds':>9}{'captions/s':>12}")
+    for name, seconds in rows:
+        print(f"{name:<40}{seconds:>9.2f}{captions / seconds:>12.1f}")
+    print(
+        f"server start-up (not counted): {startup:.1f} s; server/in-process = {rows[0][1] / rows[1][1]:.2f}"
+    )
+
+
 def part_two(
     bank_sizes: list[int], queries: int, dims: list[int], k: int = 20, threshold: float = 0.271
 ) -> None:
@@ -164,8 +236,15 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--dims", default="32,512")
     parser.add_argument("--skip-retrieval", action="store_true")
+    parser.add_argument("--server", action="store_true", help="part 3 only: the server backend")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--server-model", help="part 3: hub name or folder (cpu: default the tiny LLaVA)")
+    parser.add_argument("--vllm-venv", help="part 3, cuda: the virtual environment holding bin/vllm")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.server:
+        part_three(args.images, args.workers, args.device, args.server_model, args.vllm_venv)
+        return
     for size in args.models.split(","):
         part_one(args.images, args.workers, size)
     if not args.skip_retrieval:

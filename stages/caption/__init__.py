@@ -6,8 +6,12 @@ Writes `captions/<set>/<shard>.parquet` (schema in shards/captions.py: one row p
        the retrieval backend caches its bank under `caption_bank/`.
 Run    `python -m stages.caption MANIFEST` (same as `python -m pipeline run MANIFEST --stage caption`).
 
-Backends (captioning/): `blip` (BLIP, BLIP-2), `llava`, `retrieval` (the paper's caption-bank
-retrieval) and `alt_text`. Each takes its own section of the config (`generation` or `retrieval`);
+Backends (captioning/): `vlm` (every transformers family in captioning/families.py: BLIP, BLIP-2,
+LLaVA-1.5/NeXT/OneVision, Qwen2-VL, Qwen2.5-VL, Idefics3/SmolVLM, PaliGemma, Florence-2), `blip` and
+`llava` (the same captioner under the older names), `retrieval` (the paper's caption-bank retrieval),
+`alt_text`, and `server` (an OpenAI-compatible inference server: captioning/server.py, started per task
+by server_process.py with `server.serve`). Each takes its own section of the config (`generation`,
+`retrieval`, `server`);
 a section or key the chosen backend does not use is an error that names it. Images are decoded in
 DataLoader workers (work.py, images.py); a corrupt image is counted and gets an empty caption list.
 With `decoding: sample` captions are reproducible for the same seed, batch size and worker count;
@@ -22,7 +26,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
-from captioning.options import GenerationOptions, SearchOptions
+from captioning.options import GenerationOptions, SearchOptions, ServerOptions
 from shards.captions import ALT_TEXT
 from stages.base import (
     ManifestPath,
@@ -55,13 +59,16 @@ class FilterConfig(_Section):
 class RetrievalSection(SearchOptions):
     """`caption.retrieval`: the bank, the open_clip model's weights, and how the bank is searched."""
 
-    NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset({"bank_batch_size"})
+    NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
+        {"bank_batch_size", "bank_wait_seconds", "search_memory_mib", "recall_sample"}
+    )
 
     bank: ManifestPath  # txt (one caption per line), parquet or jsonl
     bank_col: str = "caption"
     pretrained: str | None = None  # open_clip pretrained tag or checkpoint file
     config_dir: ManifestPath | None = None  # folder of extra open_clip JSON configs
     bank_batch_size: PositiveInt = 1024
+    bank_wait_seconds: PositiveInt = 1800  # a rank waiting for another's bank chunk gives up after this
 
     _paths = field_validator("pretrained")(local_path_or_name)
 
@@ -83,8 +90,10 @@ class ScoringSection(_Section):
 USES = {
     "blip": {"model", "captions_per_image", "generation", "dtype"},
     "llava": {"model", "captions_per_image", "generation", "dtype"},
+    "vlm": {"model", "captions_per_image", "generation", "dtype"},
     "retrieval": {"model", "captions_per_image", "retrieval", "dtype"},
     "alt_text": set(),
+    "server": {"model", "captions_per_image", "generation", "server"},
 }
 COMMON = {"backend", "captions", "seed", "filter", "scoring", "device", "batch_size", "num_workers"}
 
@@ -94,12 +103,13 @@ class CaptionConfig(StageConfig):
 
     NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset({"batch_size", "num_workers", "device"})
 
-    backend: Literal["blip", "llava", "retrieval", "alt_text"]
+    backend: Literal["blip", "llava", "vlm", "retrieval", "alt_text", "server"]
     captions: str | None = Field(None, pattern=CAPTION_SET_NAME)  # the caption set; default: the backend
-    model: str | None = None  # blip/llava: hub name or folder; retrieval: open_clip architecture
+    model: str | None = None  # blip/llava/vlm: hub name or folder; retrieval: open_clip architecture
     captions_per_image: PositiveInt | None = None  # k; default: 5, or 20 for retrieval
     generation: GenerationOptions = GenerationOptions()
     retrieval: RetrievalSection | None = None
+    server: ServerOptions | None = None  # server: an OpenAI-compatible server (captioning/server.py)
     scoring: ScoringSection = ScoringSection()
     filter: FilterConfig = FilterConfig()
     seed: int | None = None  # default: run.seed
@@ -122,6 +132,10 @@ class CaptionConfig(StageConfig):
             raise ValueError(
                 "backend 'retrieval' needs a `retrieval` section with `bank` (txt, parquet or jsonl)"
             )
+        if self.backend == "server" and self.server is None:
+            raise ValueError("backend 'server' needs a `server` section with `endpoint` or `serve`")
+        if self.backend == "server" and self.generation.decoding == "beam":
+            raise ValueError("backend 'server': decoding 'beam' is not offered (use 'sample' or 'prompts')")
         if self.caption_set == ALT_TEXT:
             raise ValueError(f"captions: {ALT_TEXT!r} is reserved for the downloaded alt text")
         if self.scoring.min_score is not None and not self.has_scores:
@@ -150,6 +164,8 @@ class CaptionConfig(StageConfig):
             settings["retrieval"] = self.retrieval.model_dump(
                 mode="json", exclude=set(RetrievalSection.NOT_IN_FINGERPRINT)
             )
+        if self.server is not None:
+            settings["server"] = self.server.model_dump(mode="json", exclude=set(ServerOptions.SPEED_ONLY))
         return settings
 
 
@@ -194,7 +210,10 @@ def run(cfg: CaptionConfig, ctx: RunContext) -> StageResult:
     settings = settings_of(cfg, images.fingerprint, ctx.seed)
     plan = plan_units(NAME, layout.captions(cfg.caption_set), images.units, settings, ctx)
     if plan.mine:
-        work.caption_units(cfg, ctx, plan, layout)
+        from stages.caption.server_process import serving
+
+        with serving(cfg, ctx, layout) as served:  # backend `server` with `serve`: the server, started
+            work.caption_units(served, ctx, plan, layout)
     result = finish_stage(NAME, plan, len(plan.mine), merge_counts)
     counts = result.counts
     log.info(

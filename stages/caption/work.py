@@ -13,13 +13,13 @@ import torch
 from tqdm import tqdm
 
 from captioning.base import CaptionBatchResult, CaptionerError, RuntimeOptions, get_captioner
-from captioning.cleanup import clean
+from captioning.cleanup import clean, clean_captions, cleaned_text
 from shards.atomic import remove_orphans
-from shards.captions import write_caption_shard
+from shards.captions import DroppedCaption, write_caption_shard
 from shards.identity import file_sha256
 from stages.base import RunContext, UnitPlan
 from stages.caption.images import image_batches
-from stages.errors import StageConfigError
+from stages.errors import ShardError, StageConfigError
 from stages.layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -53,21 +53,23 @@ def build_captioner(cfg, ctx: RunContext, identity: dict[str, Any]):
     try:
         if cfg.backend == "alt_text":
             return get_captioner("alt_text")
+        if cfg.backend == "server":  # `serving` (server_process.py) has filled in a started server's endpoint
+            return get_captioner(
+                "server", model=cfg.model, k=cfg.k, generation=cfg.generation, server=cfg.server
+            )
         if cfg.backend != "retrieval":
             return get_captioner(
                 cfg.backend, model=cfg.model, k=cfg.k, generation=cfg.generation, runtime=runtime
             )
-        from stages.caption.bank import bank_embeddings, bank_fingerprint, read_bank
+        from stages.caption.bank import bank_fingerprint, prepare_bank, prepare_index
 
         section = cfg.retrieval
-        texts = read_bank(section.bank, section.bank_col)
         clip = _clip(cfg.model, section.pretrained, section.config_dir, cfg)
         cache = RunLayout(ctx.root).caption_bank(bank_fingerprint(identity))
-        vectors = bank_embeddings(
-            texts, clip, cache, section.bank_batch_size, ctx.rank, ctx.world_size, ctx.is_main
-        )
+        bank = prepare_bank(section, clip, cache, ctx.rank, ctx.world_size, ctx.is_main)
+        approximate = prepare_index(section, bank, ctx.rank, ctx.seed) if section.index == "ivfpq" else None
         return get_captioner(
-            "retrieval", clip=clip, bank_texts=texts, bank_embeddings=vectors, k=cfg.k, options=section
+            "retrieval", clip=clip, bank=bank, k=cfg.k, options=section, approximate=approximate
         )
     except CaptionerError as err:
         raise StageConfigError(f"caption: {err}") from err
@@ -96,8 +98,9 @@ class _ShardWriter:
     def add(
         self, unit: str, key: str, captions: list[str], scores: list[float] | None, corrupt: bool
     ) -> None:
+        dropped = [vars(d) for d in getattr(captions, "dropped", ())]  # see `_Kept`
         self.rows.setdefault(unit, []).append(
-            {"key": key, "captions": captions, "scores": scores, **self.constant}
+            {"key": key, "captions": list(captions), "scores": scores, **self.constant, "dropped": dropped}
         )
         counts = self.counts.setdefault(
             unit, {"images": 0, "captions": 0, "images_without_captions": 0, "corrupt_images": 0}
@@ -106,6 +109,9 @@ class _ShardWriter:
         counts["captions"] += len(captions)
         counts["images_without_captions"] += not captions
         counts["corrupt_images"] += corrupt
+        if hasattr(captions, "failed"):  # backends that fail per image (server): count and keep the reason
+            counts["failed_requests"] = counts.get("failed_requests", 0) + bool(captions.failed)
+            self.last_error = captions.failed or getattr(self, "last_error", None)
 
     def finish(self, unit: str, expected: int) -> None:
         rows = self.rows.pop(unit, [])
@@ -114,6 +120,12 @@ class _ShardWriter:
         )
         if len(rows) != expected:
             raise RuntimeError(f"caption shard {unit}: {len(rows)} rows for {expected} images")
+        failed, limit = counts.get("failed_requests", 0), getattr(self.cfg.server, "max_failed_fraction", 1)
+        if failed > limit * expected:
+            raise ShardError(
+                f"caption shard {unit}: {failed} of {expected} images failed on the server "
+                f"(max_failed_fraction {limit:g}); last error: {self.last_error}"
+            )
         path = self.out / f"{unit}.parquet"
         write_caption_shard(path, rows)
         self.plan.mark_done(unit, {"counts": counts, "parquet_sha256": file_sha256(path)})
@@ -154,8 +166,9 @@ def caption_units(cfg, ctx: RunContext, plan: UnitPlan, layout: RunLayout) -> No
 def _caption_batch(
     cfg, captioner, scorer, items: list[dict], tensors: list[torch.Tensor], seed: int
 ) -> list[tuple[list[str], list[float] | None]]:
-    """(captions, scores) per item; corrupt items get ([], [] or None). `tensors` hold the
-    decodable items' pixels: [0] for the captioner, [1] for the scorer."""
+    """(captions, scores) per item; corrupt items get ([], [] or None). `tensors` hold what the
+    workers made of the decodable items: [0] the captioner's inputs (stacked pixels, or a VLM
+    processor's batch output), [1] the scorer's pixels."""
     ok = [item for item in items if item["ok"]]
     results: dict[str, tuple[list[str], list[float] | None]] = {}
     if ok:
@@ -166,6 +179,8 @@ def _caption_batch(
             results[item["key"]] = _filtered(
                 cfg, raw.captions[i], scores[i] if scores is not None else None, raw
             )
+            if raw.failed:
+                results[item["key"]][0].failed = raw.failed[i]
     return [results.get(item["key"], ([], [] if cfg.has_scores else None)) for item in items]
 
 
@@ -189,13 +204,45 @@ def _scores(scorer, pixels: torch.Tensor | None, raw: CaptionBatchResult) -> lis
     return scores
 
 
+class _Kept(list):
+    """The captions `_filtered` keeps; `.dropped` holds the ones it removed, with the reason, for the
+    shard's optional `dropped` column (`_ShardWriter.add` reads it)."""
+
+    dropped: list[DroppedCaption]
+
+
 def _filtered(cfg, captions: list[str], scores: list[float] | None, raw: CaptionBatchResult):
-    """Clean, drop below min_score, order best first when scored, keep the top n."""
+    """Clean, drop below min_score, order best first when scored, keep the top n; what was removed
+    and why rides along as `.dropped` on the returned captions."""
+    dropped = _cleanup_drops(cfg, captions, scores, raw.prompts)
     texts, kept_scores = clean(captions, scores, raw.prompts, cfg.filter.min_words, cfg.filter.dedupe)
     if kept_scores is not None:
         min_score = cfg.scoring.min_score
         pairs = [(t, s) for t, s in zip(texts, kept_scores) if min_score is None or s >= min_score]
+        low = [(t, s) for t, s in zip(texts, kept_scores) if min_score is not None and s < min_score]
+        dropped += [DroppedCaption(t, s, f"below min_score {min_score:g}") for t, s in low]
         pairs.sort(key=lambda pair: -pair[1])
         texts, kept_scores = [t for t, _ in pairs], [s for _, s in pairs]
     limit = cfg.scoring.keep_top or cfg.k
-    return texts[:limit], (kept_scores[:limit] if kept_scores is not None else None)
+    beyond = f"beyond {'keep_top' if cfg.scoring.keep_top else 'captions_per_image'} {limit}"
+    extra = kept_scores[limit:] if kept_scores is not None else [None] * len(texts[limit:])
+    dropped += [DroppedCaption(t, s, beyond) for t, s in zip(texts[limit:], extra)]
+    kept = _Kept(texts[:limit])
+    kept.dropped = dropped
+    return kept, (kept_scores[:limit] if kept_scores is not None else None)
+
+
+def _cleanup_drops(cfg, captions: list[str], scores: list[float] | None, prompts) -> list[DroppedCaption]:
+    """The captions `clean` removes, each with its reason (too short or a duplicate)."""
+    keep = set(clean_captions(captions, prompts, cfg.filter.min_words, cfg.filter.dedupe))
+    words = max(cfg.filter.min_words, 1)
+    dropped = []
+    for i in sorted(set(range(len(captions))) - keep):
+        text = cleaned_text(captions[i], prompts)
+        reason = (
+            "duplicate"
+            if len(text.split()) >= words
+            else ("empty" if not text else f"fewer than {words} words")
+        )
+        dropped.append(DroppedCaption(text, scores[i] if scores is not None else None, reason))
+    return dropped
