@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,9 @@ from typing import Any
 from pipeline import run_log
 from pipeline.manifest import Manifest, resolved_yaml
 from pipeline.registry import stage_module
-from shards import markers
 from shards.atomic import write_text_atomic
-from stages.base import RunContext, StageResult, fingerprint_of
+from shards.locks import FileLock, LockHeld
+from stages.base import RunContext, StageResult, fingerprint_of, read_markers
 from stages.errors import InputNotReady, StageError
 from stages.layout import RunLayout
 
@@ -54,10 +55,12 @@ def run_stages(
     for name in names:
         if on_stage:
             on_stage(name)
-        log.info("stage %s: start", name)
+        _log_start(manifest, name)
         started = time.time()
-        result = stage_module(name).run(manifest.stage_config(name), ctx, **(options or {}).get(name, {}))
+        with _one_process_per_rank(ctx, name):
+            result = stage_module(name).run(manifest.stage_config(name), ctx, **(options or {}).get(name, {}))
         run_log.record_run(ctx.root, name, ctx.rank, ctx.world_size, started, time.time() - started, result)
+        _log_end(result, time.time() - started)
         results.append(result)
         if not result.is_complete:
             log.info(
@@ -70,6 +73,55 @@ def run_stages(
     if ctx.is_main:  # once, after the stages: describing a stage re-reads its inputs
         _write_resolved_manifest(manifest, ctx.root)
     return results
+
+
+@contextmanager
+def _one_process_per_rank(ctx: RunContext, name: str):
+    """Two processes with the same rank (a second run started by mistake, an orphan of a killed job)
+    would write the same units: the second one stops at once and says who holds the rank."""
+    try:
+        with FileLock(RunLayout(ctx.root).lock(name, ctx.rank)):
+            yield
+    except LockHeld as held:
+        pid, host = held.owner.get("pid", "?"), held.owner.get("host", "?")
+        raise StageError(
+            f"stage {name} rank {ctx.rank}/{ctx.world_size} is already running (pid {pid} on host {host}); "
+            "set SLURM_PROCID/RANK to share the work"
+        ) from None
+
+
+FAILURE_KEYS = ("failed", "corrupt_images")  # download's failed rows, caption's undecodable images
+
+
+def _log_start(manifest: Manifest, name: str) -> None:
+    """One line: the stage's units, pending and done (as `plan` counts them)."""
+    try:
+        status = stage_status(manifest, name)
+    except StageError as err:  # the stage itself reports it when it runs
+        log.info("stage %s: start (%s)", name, err)
+        return
+    if status.waiting_for:
+        log.info("stage %s: start", name)
+        return
+    pending = status.units_total - status.units_done
+    log.info(
+        "stage %s: start: %d units, %d pending, %d done", name, status.units_total, pending, status.units_done
+    )
+
+
+def _log_end(result: StageResult, seconds: float) -> None:
+    """One line: units done (run now), samples, failures and the time the stage took."""
+    failures = sum(int(result.counts.get(k, 0)) for k in FAILURE_KEYS)
+    log.info(
+        "stage %s: end: %d/%d units done (%d run now), %d samples, %d failures, %.1f s",
+        result.stage,
+        result.units_done,
+        result.units_total,
+        result.units_run,
+        run_log.samples_of(result.counts),
+        failures,
+        seconds,
+    )
 
 
 def _write_resolved_manifest(manifest: Manifest, root: Path) -> None:
@@ -110,7 +162,7 @@ def stage_status(manifest: Manifest, name: str) -> StageStatus:
     except InputNotReady as err:
         return StageStatus(stage=name, units_total=0, units_done=0, units_stale=0, waiting_for=str(err))
     fingerprint = fingerprint_of(settings)
-    found = markers.read_markers(folder, units)
+    found = read_markers(folder, units)
     done = {u: m for u, m in found.items() if m.get("fingerprint") == fingerprint}
     return StageStatus(
         stage=name,

@@ -7,7 +7,7 @@
     <root>/embeddings/<name>/<shard>.npy, _done/                                realign (image side)
     <root>/realign/<name>/...                                                   realign
     <root>/evaluate/<name>/metrics.json, report.md, ...                         evaluate
-    <root>/logs/<stage>/, logs/runs.jsonl, slurm/jobs.json, manifest.resolved.yaml
+    <root>/logs/<stage>/, logs/runs.jsonl, logs/locks/, slurm/jobs.json, manifest.resolved.yaml, inspect/
 
 Stages ask a `RunLayout` for their paths instead of joining strings, so the layout can be read (and
 changed) here. A stage is complete when its folder holds `_SUCCESS.json` (written once every unit has
@@ -96,7 +96,15 @@ class RunLayout:
     def evaluate(self, name: str) -> Path:
         return self.root / "evaluate" / name
 
+    def inspect(self, page: str) -> Path:
+        """The `inspect` command's page folder: `captions-<set>` or `download`."""
+        return self.root / "inspect" / page
+
     # run bookkeeping
+    def lock(self, stage: str, rank: int) -> Path:
+        """Held while `stage` runs on `rank` (shards/locks.py): one process per stage and rank."""
+        return self.root / "logs" / "locks" / f"{stage}-rank{rank}.lock"
+
     def logs(self, stage: str) -> Path:
         return self.root / "logs" / stage
 

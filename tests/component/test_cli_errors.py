@@ -157,3 +157,19 @@ def test_validate_checks_models_devices_and_training_settings(tmp_path, stage, s
     result = run_cli("validate", str(manifest), cwd=tmp_path)
     assert result.returncode == 2, result.stdout
     assert result.stderr.startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_a_second_process_on_the_same_rank_is_refused(tmp_path):
+    """A live process holds download's rank-0 lock: a second run on that rank stops and names it."""
+    import os
+
+    from shards.locks import FileLock
+    from stages.layout import RunLayout
+
+    manifest = _manifest(tmp_path)
+    with FileLock(RunLayout(tmp_path / "run").lock("download", 0)):
+        result = run_cli("run", str(manifest), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"stage download rank 0/1 is already running (pid {os.getpid()} on host " in result.stderr
+    assert "set SLURM_PROCID/RANK to share the work" in result.stderr
+    assert not (tmp_path / "run" / "images" / "_done").exists()
