@@ -71,6 +71,12 @@ def local_path_or_name(value: str | None, info: ValidationInfo) -> str | None:
 ManifestPath = Annotated[Path, WrapValidator(_resolve_against_manifest)]
 
 
+class ConfigSection(BaseModel):
+    """A nested section of a stage config: strict (unknown keys are errors) and frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class StageConfig(BaseModel):
     """Base of stage configs: unknown keys are errors.
 

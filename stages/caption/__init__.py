@@ -24,11 +24,12 @@ import logging
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from captioning.options import GenerationOptions, SearchOptions, ServerOptions
 from shards.captions import ALT_TEXT
 from stages.base import (
+    ConfigSection,
     ManifestPath,
     RunContext,
     StageConfig,
@@ -47,11 +48,7 @@ NAME = "caption"
 FORMAT_VERSION = 1
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class FilterConfig(_Section):
+class FilterConfig(ConfigSection):
     min_words: int = Field(1, ge=0)
     dedupe: bool = True
 
@@ -73,7 +70,7 @@ class RetrievalSection(SearchOptions):
     _paths = field_validator("pretrained")(local_path_or_name)
 
 
-class ScoringSection(_Section):
+class ScoringSection(ConfigSection):
     """`caption.scoring`: CLIP cosines for every caption (from `model`, or the retrieval backend's
     own), then captions below `min_score` dropped and the `keep_top` best kept."""
 

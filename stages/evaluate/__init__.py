@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PositiveFloat,
     PositiveInt,
@@ -31,6 +29,7 @@ from pydantic import (
 
 from shards.captions import ALT_TEXT
 from stages.base import (
+    ConfigSection,
     ManifestPath,
     RunContext,
     StageConfig,
@@ -49,22 +48,18 @@ NAME = "evaluate"
 FORMAT_VERSION = 1
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ImageSource(_Section):
+class ImageSource(ConfigSection):
     layout: Literal["gpr1200", "folder", "shards"]
     path: ManifestPath | None = None  # shards: a run root (default: this run's)
 
 
-class KnnSection(_Section):
+class KnnSection(ConfigSection):
     data: ImageSource
     k: PositiveInt = 21
     temperature: PositiveFloat = 0.1
 
 
-class ZeroShotSection(_Section):
+class ZeroShotSection(ConfigSection):
     data: ImageSource
     class_names: ManifestPath  # json {label: name} or text `label<TAB>name` lines
     templates: list[str] | None = None  # with '{}' for the name; default: the 80 OpenAI templates
@@ -84,7 +79,7 @@ class ZeroShotSection(_Section):
         return value
 
 
-class TextToImageSection(_Section):
+class TextToImageSection(ConfigSection):
     layout: Literal["karpathy", "shards"]
     path: ManifestPath | None = None  # karpathy: the json; shards: a run root (default: this run's)
     image_root: ManifestPath | None = None  # karpathy: where filepath/filename live (default: json's folder)
@@ -95,7 +90,7 @@ class TextToImageSection(_Section):
     ks: list[PositiveInt] = [1, 5, 10]
 
 
-class ModelEntry(_Section):
+class ModelEntry(ConfigSection):
     name: str = Field(pattern=r"^[A-Za-z0-9_+][A-Za-z0-9_.+-]*$")  # a file name: no leading dot
     checkpoint: str | None = None  # a checkpoint file, a pretrained tag, or None for random weights
     stage: str | None = Field(None, pattern=r"^(finetune|realign)/[A-Za-z0-9_.-]+$")
