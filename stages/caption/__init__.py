@@ -39,6 +39,7 @@ from stages.base import (
     plan_units,
     sum_counts,
 )
+from stages.checks import Device, open_clip_config
 from stages.errors import StageConfigError
 from stages.layout import CAPTION_SET_NAME, RunLayout
 
@@ -111,7 +112,7 @@ class CaptionConfig(StageConfig):
     filter: FilterConfig = FilterConfig()
     seed: int | None = None  # default: run.seed
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    device: Device = "cpu"
     batch_size: PositiveInt = 32
     num_workers: int = Field(2, ge=0)
 
@@ -192,6 +193,10 @@ def check_inputs(cfg: CaptionConfig) -> None:
     for value in (cfg.model, pretrained, cfg.scoring.pretrained):
         if value and value.startswith("/") and not Path(value).exists():
             raise StageConfigError(f"caption model not found: {value}")
+    if cfg.backend == "retrieval":  # open_clip architectures and tags: checked without building them
+        open_clip_config(cfg.model, pretrained, cfg.retrieval.config_dir, "caption")
+    if cfg.scoring.model is not None:
+        open_clip_config(cfg.scoring.model, cfg.scoring.pretrained, cfg.scoring.config_dir, "caption.scoring")
 
 
 def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:

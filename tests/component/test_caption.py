@@ -277,6 +277,22 @@ def test_kill_mid_stage_then_resume_equals_uninterrupted(tmp_path, tiny_models):
             "stages.caption.captions_per_image: must be > 0, got 0",
         ),
         ({"backend": "blip"}, "backend 'blip' needs `model`"),
+        (
+            {"backend": "alt_text", "device": "gpu"},
+            "stages.caption.device: device must be cpu, cuda, cuda:N or mps",
+        ),
+        (
+            {
+                "backend": "retrieval",
+                "model": "ViT-B-32",
+                "retrieval": {"bank": "empty.txt", "pretrained": "nope"},
+            },
+            "caption: open_clip has no pretrained tag 'nope' for ViT-B-32",
+        ),
+        (
+            {"backend": "alt_text", "scoring": {"model": "ViT-Nope"}},
+            "caption.scoring: unknown open_clip architecture",
+        ),
         ({"backend": "blip", "model": "org/not-cached"}, "cannot load caption model 'org/not-cached'"),
     ],
 )
