@@ -136,7 +136,7 @@ def requeue_manifest(folder: Path, root: str, tiny_models: dict, max_requeues: i
             "caption": {
                 "backend": "blip",
                 "model": str(tiny_models["blip"]),
-                "decoding": "beam",
+                "generation": {"decoding": "beam"},
                 "captions_per_image": 2,
                 "batch_size": 2,
                 "num_workers": 0,
