@@ -1,8 +1,10 @@
-"""One process per lock file: an exclusive `flock` held while a stage runs on one rank.
+"""One process per lock file: an exclusive POSIX record lock held while a stage runs on one rank.
 
 The lock file `<folder>/<name>.lock` holds the owner's pid and host, so a second process can say who
 holds it. The kernel releases the lock when its process exits, however it exits (kill -9 included),
-so a lock left by a dead process is simply taken over: nothing to clean up by hand.
+so a lock left by a dead process is simply taken over: nothing to clean up by hand. A POSIX lock
+(`lockf`), not `flock`: it belongs to the process, so forked DataLoader workers do not inherit it and
+a worker still dying after its killed parent cannot keep the rank locked; it also works over NFS.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ class FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
             owner = _read_owner(fd)
             os.close(fd)
             raise LockHeld(self.path, owner) from None
