@@ -4,11 +4,13 @@ The bank is a folder of fp16 chunk files (`<chunk>.npy`, rows in bank-id order) 
 (an Arrow IPC file, one string column `text`, row i is bank id i). Both are memory-mapped: all ranks
 of a node share one copy through the page cache, and no rank builds a list of every caption.
 
-Exact search streams the bank through the device in blocks: a matmul of a query block with a bank
-block (CPU: fp32 from the fp16 file; GPU: fp16 with fp32 accumulation) and a running top-k. Block
-sizes come from a memory budget (`plan_blocks`), and the pages of a bank block are dropped from the
-process (madvise DONTNEED; they stay in the page cache) once the block is used, so memory per rank
-does not grow with the bank. The `k + RESCORE_MARGIN` best candidates of every image are then scored
+Exact search streams the bank through the device in blocks and keeps a running top-k. CPU: each
+bank block is converted fp16 -> fp32 into one staging buffer and searched by faiss's exhaustive
+inner-product kernel (BLAS sgemm in tiles plus heaps, as faiss's flat index, but never the whole bank
+in float32); GPU: a matmul in fp16 with fp32 accumulation and torch's top-k. Block sizes come from a
+memory budget (`plan_blocks`), and the pages of a bank block are dropped from the process (madvise
+DONTNEED; they stay in the page cache) once the block is used, so memory per rank does not grow with
+the bank. The `k + RESCORE_MARGIN` best candidates of every image are then scored
 again one image at a time in float64 (from the fp16 bank), and sorted by (cosine desc, bank id asc):
 an image's captions do not depend on which other images share its batch, nor on the device.
 
@@ -179,11 +181,18 @@ class BlockPlan:
     bytes: int  # the search's own peak allocation by this plan's accounting
 
 
+FAISS_TILE = (4096, 1024)  # faiss's similarity tile (query x bank rows); only its used part is touched
+
+
 def block_bytes(query_rows: int, bank_rows: int, dim: int, k: int, device: str = "cpu") -> int:
     """What one step of the blocked search holds: the query block, the bank block (mapped fp16
-    pages plus its fp32/device copy), the similarity block, the top-k scratch (topk's own values
-    and ids of the block, a tie mask) and the running top-k."""
-    sims = query_rows * bank_rows * 4
+    pages plus its fp32/device copy), the similarity block (GPU: query block x bank block; CPU:
+    faiss's fixed tile), the top-k scratch (the block's values and ids, the merge) and the running
+    top-k."""
+    if device == "cpu":
+        sims = min(query_rows, FAISS_TILE[0]) * min(bank_rows, FAISS_TILE[1]) * 4
+    else:
+        sims = query_rows * bank_rows * 4
     bank = bank_rows * dim * (2 + (2 if device != "cpu" else 4))
     scratch = query_rows * (3 * k + 2) * 12 * 2
     queries = query_rows * dim * 4 * 2
@@ -250,7 +259,7 @@ class ExactSearch:
             torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
     def candidates(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Approximate-in-the-last-bits top-k (float32 matmul scores), ids -1 beyond the bank."""
+        """Approximate-in-the-last-bits top-k (float32 scores), ids -1 beyond the bank."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n, k_eff = len(queries), min(k, self.bank.rows)
         out_s = np.full((n, k), -np.inf, np.float32)
@@ -259,33 +268,49 @@ class ExactSearch:
             return out_s, out_i
         plan = plan_blocks(n, self.bank.rows, self.bank.dim, k_eff, self.memory_bytes, self.device.type)
         self.last_plan = plan
-        cuda = self.device.type == "cuda"
-        dtype = torch.float16 if cuda else torch.float32
-        staging = torch.empty((plan.bank_rows, self.bank.dim), dtype=torch.float32 if not cuda else dtype)
-        if cuda:
-            staging = staging.pin_memory()
+        block_search = self._gpu_blocks if self.device.type == "cuda" else self._cpu_blocks
         for q0 in range(0, n, plan.query_rows):
-            q = torch.from_numpy(queries[q0 : q0 + plan.query_rows]).to(self.device, dtype)
-            best_s = torch.full((len(q), 0), -math.inf, device=self.device)
-            best_i = torch.full((len(q), 0), -1, dtype=torch.int64, device=self.device)
-            for first, view, chunk, row in self.bank.blocks(plan.bank_rows):
-                rows = len(view)
-                block = staging[:rows]
-                block.copy_(_readonly_tensor(view))  # fp16 file pages -> fp32 (CPU) / pinned fp16 (GPU)
-                chunk.release(row, row + rows)
-                if cuda:
-                    block = block.to(self.device, non_blocking=True)
-                sims = (q @ block.T).float()
-                del block
-                s, c = _block_topk(sims, min(k_eff, rows))
-                del sims
-                merged_s = torch.cat([best_s, s], dim=1)
-                merged_i = torch.cat([best_i, c + first], dim=1)
-                merged_s, merged_i = _sorted_by_score_then_id(merged_s, merged_i)
+            q = queries[q0 : q0 + plan.query_rows]
+            best_s = torch.full((len(q), 0), -math.inf)
+            best_i = torch.full((len(q), 0), -1, dtype=torch.int64)
+            for first, s, c in block_search(q, k_eff, plan):
+                merged_s, merged_i = _sorted_by_score_then_id(
+                    torch.cat([best_s, s], dim=1), torch.cat([best_i, c + first], dim=1)
+                )
                 best_s, best_i = merged_s[:, :k_eff], merged_i[:, :k_eff]
-            out_s[q0 : q0 + len(q), :k_eff] = best_s.cpu().numpy()
-            out_i[q0 : q0 + len(q), :k_eff] = best_i.cpu().numpy()
+            out_s[q0 : q0 + len(q), :k_eff] = best_s.numpy()
+            out_i[q0 : q0 + len(q), :k_eff] = best_i.numpy()
         return out_s, out_i
+
+    def _cpu_blocks(self, q: np.ndarray, k: int, plan: BlockPlan):
+        """(first bank id, scores, columns) per bank block: faiss's exhaustive inner-product search
+        (ties keep the lower column) on the block converted to float32 in one staging buffer."""
+        import faiss
+
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        staging = np.empty((plan.bank_rows, self.bank.dim), np.float32)
+        for first, view, chunk, row in self.bank.blocks(plan.bank_rows):
+            block = staging[: len(view)]
+            np.copyto(block, view)  # fp16 file pages -> fp32
+            chunk.release(row, row + len(view))
+            scores, cols = faiss.knn(q, block, min(k, len(view)), metric=faiss.METRIC_INNER_PRODUCT)
+            yield first, torch.from_numpy(scores), torch.from_numpy(cols)
+
+    def _gpu_blocks(self, q: np.ndarray, k: int, plan: BlockPlan):
+        """(first bank id, scores, columns) per bank block: an fp16 matmul with fp32 accumulation on
+        the GPU (bank block through a pinned staging buffer) and torch's top-k, results on the CPU."""
+        qd = torch.from_numpy(q).to(self.device, torch.float16)
+        staging = torch.empty((plan.bank_rows, self.bank.dim), dtype=torch.float16).pin_memory()
+        for first, view, chunk, row in self.bank.blocks(plan.bank_rows):
+            rows = len(view)
+            staging[:rows].copy_(_readonly_tensor(view))
+            chunk.release(row, row + rows)
+            block = staging[:rows].to(self.device, non_blocking=True)
+            sims = (qd @ block.T).float()
+            del block
+            s, c = _block_topk(sims, min(k, rows))
+            del sims
+            yield first, s.cpu(), c.cpu()
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(cosines, bank ids) best first, ties by lower id; id -1 (score -inf) beyond the bank."""

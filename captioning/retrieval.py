@@ -70,7 +70,14 @@ class RetrievalCaptioner:
         return self._recall[0] / self._recall[1] if self._recall[1] else None
 
     def caption(self, pixels: torch.Tensor, alt_texts: list[str]) -> CaptionBatchResult:
-        image_embeddings = self.clip.encode_images(pixels).numpy()
+        return self.caption_embeddings(self.encode(pixels))
+
+    def encode(self, pixels: torch.Tensor) -> np.ndarray:
+        """Unit image embeddings of a batch, to search now or together with other batches."""
+        return self.clip.encode_images(pixels).numpy()
+
+    def caption_embeddings(self, image_embeddings: np.ndarray) -> CaptionBatchResult:
+        """Top-k bank captions above the threshold for each embedding (one search for all)."""
         scores, ids = self.search(image_embeddings)
         hits = top_k_above(scores, ids, self.threshold)
         texts = self.bank.texts.take([i for row in hits for i, _ in row]) if any(hits) else []

@@ -58,7 +58,7 @@ class RetrievalSection(SearchOptions):
     """`caption.retrieval`: the bank, the open_clip model's weights, and how the bank is searched."""
 
     NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
-        {"bank_batch_size", "bank_wait_seconds", "search_memory_mib", "recall_sample"}
+        {"bank_batch_size", "bank_wait_seconds", "search_memory_mib", "recall_sample", "query_batch"}
     )
 
     bank: ManifestPath  # txt (one caption per line), parquet or jsonl
@@ -67,6 +67,7 @@ class RetrievalSection(SearchOptions):
     config_dir: ManifestPath | None = None  # folder of extra open_clip JSON configs
     bank_batch_size: PositiveInt = 1024
     bank_wait_seconds: PositiveInt = 1800  # a rank waiting for another's bank chunk gives up after this
+    query_batch: PositiveInt = 4096  # images per bank search (each search streams the whole bank once)
 
     _paths = field_validator("pretrained")(local_path_or_name)
 

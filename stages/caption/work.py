@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -152,15 +153,57 @@ def caption_units(cfg, ctx: RunContext, plan: UnitPlan, layout: RunLayout) -> No
         total=len(plan.mine), desc=f"caption[{cfg.caption_set}]", unit="shard", disable=not ctx.is_main
     )
     writer = _ShardWriter(cfg, plan, out, captioner.model_name, list(captioner.prompts), seed, progress)
-    for batch in loader:
-        images_in_batch = [item for item in batch["items"] if not item.get("end")]
-        results = _caption_batch(cfg, captioner, scorer, images_in_batch, batch["tensors"], seed)
-        for item, (captions, scores) in zip(images_in_batch, results):
+    for items, images, results in _captioned_batches(cfg, captioner, scorer, loader, seed):
+        for item, (captions, scores) in zip(images, results):
             writer.add(item["unit"], item["key"], captions, scores, not item["ok"])
-        for item in batch["items"]:
+        for item in items:
             if item.get("end"):
                 writer.finish(item["unit"], item["count"])
     progress.close()
+
+
+def _captioned_batches(cfg, captioner, scorer, loader, seed: int):
+    """(batch items, its images, (captions, scores) per image) per loader batch, in loader order.
+
+    The retrieval backend embeds each batch at once but searches the bank once per
+    `retrieval.query_batch` images: every search streams the whole bank, so searching each
+    128-image batch alone would read an 11M-caption bank ~30x as often. Results do not change
+    (an image's captions do not depend on the other images searched with it)."""
+    if not hasattr(captioner, "caption_embeddings"):
+        for batch in loader:
+            images = [item for item in batch["items"] if not item.get("end")]
+            yield (
+                batch["items"],
+                images,
+                _caption_batch(cfg, captioner, scorer, images, batch["tensors"], seed),
+            )
+        return
+    pending, waiting = [], 0
+    for batch in loader:
+        images = [item for item in batch["items"] if not item.get("end")]
+        ok = [item for item in images if item["ok"]]
+        embeddings = captioner.encode(batch["tensors"][0]) if ok else None
+        scorer_embeddings = scorer.encode_images(batch["tensors"][1]) if scorer and ok else None
+        pending.append((batch["items"], images, ok, embeddings, scorer_embeddings))
+        waiting += len(ok)
+        if waiting >= cfg.retrieval.query_batch:
+            yield from _search_pending(cfg, captioner, scorer, pending)
+            pending, waiting = [], 0
+    yield from _search_pending(cfg, captioner, scorer, pending)
+
+
+def _search_pending(cfg, captioner, scorer, pending: list[tuple]):
+    """One bank search for the pending batches' images, then each batch's results as it came."""
+    found = [p[3] for p in pending if p[3] is not None]
+    raw = captioner.caption_embeddings(np.concatenate(found)) if found else None
+    start = 0
+    for items, images, ok, _, scorer_embeddings in pending:
+        part = None
+        if ok:
+            stop = start + len(ok)
+            part = CaptionBatchResult(raw.captions[start:stop], raw.scores[start:stop], raw.prompts)
+            start = stop
+        yield items, images, _results(cfg, scorer, images, ok, part, scorer_embeddings)
 
 
 def _caption_batch(
@@ -170,11 +213,22 @@ def _caption_batch(
     workers made of the decodable items: [0] the captioner's inputs (stacked pixels, or a VLM
     processor's batch output), [1] the scorer's pixels."""
     ok = [item for item in items if item["ok"]]
-    results: dict[str, tuple[list[str], list[float] | None]] = {}
+    raw = scorer_embeddings = None
     if ok:
         torch.manual_seed(_batch_seed(seed, ok[0]["key"]))
         raw = captioner.caption(tensors[0], [item["alt"] for item in ok])
-        scores = _scores(scorer, tensors[1] if scorer else None, raw)
+        scorer_embeddings = scorer.encode_images(tensors[1]) if scorer else None
+    return _results(cfg, scorer, items, ok, raw, scorer_embeddings)
+
+
+def _results(
+    cfg, scorer, items: list[dict], ok: list[dict], raw: CaptionBatchResult | None, scorer_embeddings
+):
+    """Score (with the scorer's image embeddings, when there is a scorer), clean and filter the
+    captions of the decodable items `ok`; the others get ([], [] or None)."""
+    results: dict[str, tuple[list[str], list[float] | None]] = {}
+    if ok:
+        scores = _scores(scorer, scorer_embeddings, raw)
         for i, item in enumerate(ok):
             results[item["key"]] = _filtered(
                 cfg, raw.captions[i], scores[i] if scores is not None else None, raw
@@ -188,10 +242,11 @@ def _batch_seed(seed: int, first_key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{first_key}".encode()).digest()[:4], "little")
 
 
-def _scores(scorer, pixels: torch.Tensor | None, raw: CaptionBatchResult) -> list[list[float]] | None:
+def _scores(
+    scorer, image_embeddings: torch.Tensor | None, raw: CaptionBatchResult
+) -> list[list[float]] | None:
     if scorer is None:
         return raw.scores
-    image_embeddings = scorer.encode_images(pixels)
     flat = [text for captions in raw.captions for text in captions]
     text_embeddings = (
         torch.from_numpy(scorer.encode_texts(flat)) if flat else torch.zeros(0, image_embeddings.shape[1])

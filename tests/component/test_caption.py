@@ -156,6 +156,26 @@ def test_retrieval_equals_brute_force_top_k_above_threshold(tmp_path, tiny_model
     assert len(texts) == 1 and BankTexts(texts[0]).slice(0, len(phrases)) == phrases
 
 
+def test_retrieval_captions_do_not_depend_on_how_images_are_grouped_for_search(tmp_path, tiny_models):
+    """The bank is searched once per `query_batch` images across loader batches (with corrupt images
+    among them); grouping them otherwise, or one image per search, gives the same shards."""
+    bank = tmp_path / "bank.txt"
+    bank.write_text(
+        "\n".join(f"a {c} {s} number {i}" for i in range(40) for c in ("red", "blue") for s in "ab")
+    )
+    rows = {}
+    for name, extra, batch in (("grouped", {}, 4), ("one-by-one", {"query_batch": 1}, 3)):
+        folder = tmp_path / name
+        make_image_shards(folder / "run", shards=2, per_shard=5, corrupt=(3,))
+        manifest = _retrieval_manifest(folder, tiny_models, bank, threshold=-1.0, **extra)
+        text = manifest.read_text().replace("batch_size: 4", f"batch_size: {batch}")
+        manifest.write_text(text)
+        assert _run(manifest) == 0
+        rows[name] = [_rows(folder / "run", "retrieval", u) for u in ("000000", "000001")]
+    assert rows["grouped"] == rows["one-by-one"]
+    assert sum(len(r["captions"]) == 4 for shard in rows["grouped"] for r in shard) == 9  # one corrupt
+
+
 def test_score_with_min_score_and_keep_top(tmp_path, tiny_models):
     from captioning.clip_models import load_clip
 
