@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from captioning.bank_search import (
@@ -45,24 +47,59 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 100_000
 TEXTS_UNIT = "texts"
 POLL_SECONDS = 0.5
+MAX_CAPTION_CHARS = 10_000  # per caption of the bank file (see read_bank)
 
 
 def read_bank(path: Path, column: str) -> list[str]:
     """Captions of a text file (one per line), parquet or jsonl table; exact duplicates and empty lines
-    dropped."""
+    dropped.
+
+    A caption longer than MAX_CAPTION_CHARS is an error naming the file and the line (or row), not a
+    skipped line: CLIP reads 77 tokens, so such a "caption" means a wrong file or column (a file
+    without newlines, a column of documents), which skipping would hide. A text file is read line by
+    line with that bound, so one endless line cannot fill the memory.
+    """
     if not Path(path).is_file():
         raise StageConfigError(f"caption bank not found: {path}")
     if Path(path).suffix.lower() in (".txt", ".text"):
-        texts = Path(path).read_text(encoding="utf-8").splitlines()
+        texts = _read_lines(Path(path))
     else:
         try:
-            texts = read_table(path, columns=[column])[column].to_pylist()
+            captions = read_table(path, columns=[column])[column]
         except TableError as err:
             raise StageConfigError(str(err)) from err
+        _check_lengths(path, column, captions)
+        texts = captions.to_pylist()
     unique = list(dict.fromkeys(t for t in texts if t and t.strip()))
     if not unique:
         raise StageConfigError(f"caption bank is empty: {path}")
     return unique
+
+
+def _too_long(path: Path, where: str) -> StageConfigError:
+    return StageConfigError(
+        f"caption bank {path}: {where} is longer than {MAX_CAPTION_CHARS} characters (one caption per "
+        "line or row is expected); fix the file or choose the caption column with bank_col"
+    )
+
+
+def _read_lines(path: Path) -> list[str]:
+    texts: list[str] = []
+    with path.open(encoding="utf-8") as handle:  # universal newlines: \n, \r\n and \r end a line
+        for number, line in enumerate(iter(lambda: handle.readline(MAX_CAPTION_CHARS + 1), ""), 1):
+            text = line[:-1] if line.endswith("\n") else line
+            if len(text) > MAX_CAPTION_CHARS:
+                raise _too_long(path, f"line {number}")
+            texts.extend(text.splitlines())  # the other separators str.splitlines knows, as before
+    return texts
+
+
+def _check_lengths(path: Path, column: str, captions) -> None:
+    if not (pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type)):
+        return
+    too_long = pc.greater(pc.utf8_length(captions), MAX_CAPTION_CHARS)
+    if pc.any(too_long).as_py():
+        raise _too_long(path, f"the caption in row {pc.index(too_long, True).as_py()} of column {column!r}")
 
 
 def bank_fingerprint(identity: dict) -> str:

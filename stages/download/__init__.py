@@ -11,6 +11,8 @@ Shard `i` holds rows `[i * samples_per_shard, (i + 1) * samples_per_shard)` of t
 sample's key is its row number (`000000042`), so keys never depend on which run made a shard.
 img2dataset writes into a private staging folder; a shard reaches `images/` only once its tar
 reads back complete and matches img2dataset's own count (see stages/download/img2dataset_run.py).
+Hostile responses (decompression bombs, trickling servers, empty bodies, 16-bit pictures) are handled
+by the guards of stages/download/guards.py.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class DownloadConfig(StageConfig):
     """`stages.download` in the manifest."""
 
     NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
-        {"url_list", "processes", "threads", "timeout_s", "retries", "max_failed_fraction"}
+        {"url_list", "processes", "threads", "timeout_s", "deadline_s", "retries", "max_failed_fraction"}
     )
 
     url_list: ManifestPath
@@ -69,12 +71,14 @@ class DownloadConfig(StageConfig):
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
     encode_quality: int = Field(95, ge=1, le=100)
     samples_per_shard: PositiveInt = 1000
-    max_image_area: float | None = Field(None, gt=0)
+    # refused from the header, before any pixel is decoded (stages/download/guards.py); None: no limit
+    max_image_area: float | None = Field(1.0e8, gt=0)
     # a shard with more failed rows than this is not accepted: the stage stops with the top reasons
     max_failed_fraction: float = Field(0.5, ge=0, le=1)
     processes: PositiveInt = 4
     threads: PositiveInt = 32
-    timeout_s: PositiveInt = 10
+    timeout_s: PositiveInt = 10  # each socket operation
+    deadline_s: float = Field(30.0, gt=0)  # the whole download of one URL, retries included
     retries: int = Field(0, ge=0)
 
     @field_validator("url_list")

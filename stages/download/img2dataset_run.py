@@ -5,6 +5,8 @@ Here it writes under `images/_staging/rank-R/`; a watcher thread picks up each s
 img2dataset writes its `_stats.json` (after closing the tar), reads the tar back in full, checks its
 sample count against the stats, rewrites it with stable keys (`.cls` added, samples sorted by key)
 under a temporary name, renames it to `images/<shard>.tar` and only then writes the marker.
+img2dataset runs with the guards of stages/download/guards.py (header size check before decoding,
+16-bit pictures scaled to 8 bit, empty bodies named, a total deadline per URL).
 """
 
 from __future__ import annotations
@@ -93,31 +95,34 @@ def _call_img2dataset(cfg, input_path: Path, output: Path, has_caption: bool) ->
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     import img2dataset
 
-    img2dataset.download(
-        url_list=str(input_path),
-        input_format="parquet",
-        url_col="url",
-        caption_col="caption" if has_caption else None,
-        save_additional_columns=[ROW_COLUMN],
-        output_folder=str(output),
-        output_format="webdataset",
-        oom_shard_count=6,
-        image_size=cfg.image_size,
-        resize_mode=cfg.resize_mode,
-        encode_quality=cfg.encode_quality,
-        encode_format="jpg",
-        number_sample_per_shard=cfg.samples_per_shard,
-        processes_count=cfg.processes,
-        thread_count=cfg.threads,
-        timeout=cfg.timeout_s,
-        retries=cfg.retries,
-        extract_exif=False,
-        compute_hash="sha256",
-        enable_wandb=False,
-        max_image_area=cfg.max_image_area or float("inf"),
-        incremental_mode="incremental",
-        distributor="multiprocessing",
-    )
+    from stages.download.guards import guarded_img2dataset
+
+    with guarded_img2dataset(cfg.max_image_area, cfg.deadline_s):
+        img2dataset.download(
+            url_list=str(input_path),
+            input_format="parquet",
+            url_col="url",
+            caption_col="caption" if has_caption else None,
+            save_additional_columns=[ROW_COLUMN],
+            output_folder=str(output),
+            output_format="webdataset",
+            oom_shard_count=6,
+            image_size=cfg.image_size,
+            resize_mode=cfg.resize_mode,
+            encode_quality=cfg.encode_quality,
+            encode_format="jpg",
+            number_sample_per_shard=cfg.samples_per_shard,
+            processes_count=cfg.processes,
+            thread_count=cfg.threads,
+            timeout=cfg.timeout_s,
+            retries=cfg.retries,
+            extract_exif=False,
+            compute_hash="sha256",
+            enable_wandb=False,
+            max_image_area=cfg.max_image_area or float("inf"),
+            incremental_mode="incremental",
+            distributor="multiprocessing",
+        )
 
 
 def _by_reason(status_dict: dict[str, int]) -> dict[str, int]:
@@ -238,7 +243,10 @@ def _check_failed_fraction(unit: str, counts: dict[str, Any], limit: float) -> N
         )
 
 
-_REASONS = (  # (substring of img2dataset's error message, reason shown in counts)
+_REASONS = (  # (substring of the error message, reason shown in counts); first match wins
+    ("empty response body", "empty response body"),  # these three from stages/download/guards.py
+    ("deadline exceeded", "deadline exceeded"),
+    ("image area too large", "image too large"),
     ("Image decoding error", "not a decodable image"),
     ("loadsave.cpp", "image too large"),
     ("unknown url type", "bad url"),
