@@ -21,7 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pipeline import logs, slurm_cli
+from pipeline import lifetime, logs, slurm_cli
 from pipeline.context import context_from_env
 from pipeline.manifest import ManifestError, load_manifest
 from pipeline.registry import STAGE_ORDER
@@ -79,6 +79,7 @@ def _add_inspect_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    lifetime.die_with_launcher()  # a torchrun worker must not outlive its agent (pipeline/lifetime.py)
     args = build_parser().parse_args(argv)
     try:
         manifest = load_manifest(args.manifest)

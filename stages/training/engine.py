@@ -23,6 +23,8 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from shards.atomic import atomic_write
+
 
 class Engine(Protocol):
     rank: int
@@ -53,6 +55,17 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(tensor), dim=0)
 
 
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest `value` any rank passed (every rank must call this, like any collective); `value`
+    itself when no process group of several processes is running. The ranks' way to agree on a
+    decision, e.g. "did every rank load this checkpoint": pass 1 for yes, 0 for no."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 class PlainEngine:
     """One process, plain torch: clip the gradient norm, step, zero."""
 
@@ -77,10 +90,9 @@ class PlainEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, folder / "state.pt"
-        )
+        """`folder/state.pt`, written under a temporary name and renamed into place."""
+        with atomic_write(folder / "state.pt") as handle:
+            torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, handle)
 
     def load(self, folder: Path) -> None:
         state = torch.load(folder / "state.pt", map_location=self.device)
@@ -139,6 +151,11 @@ class DeepSpeedEngine:
         self.accelerator.save_state(str(folder))
 
     def load(self, folder: Path) -> None:
+        """Raises when the model states are missing: DeepSpeed would only log a warning and go on
+        with the weights it has (a cut-off or missing ZeRO file raises by itself)."""
+        states = folder / "pytorch_model"  # accelerate's checkpoint tag for the first model
+        if not any(states.glob("*model_states.pt")):
+            raise FileNotFoundError(f"no DeepSpeed model states in {states}")
         self.accelerator.load_state(str(folder))
 
     def unwrap(self, model):

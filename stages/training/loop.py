@@ -1,15 +1,26 @@
 """The training loop shared by fine-tuning and re-alignment.
 
 Reads  batches from a `batches(epoch, start_position)` function; the loss from `compute_loss(batch)`.
-Writes `<out>/ckpt/step-XXXXXXXX/` (engine state, then `meta.json` last: a checkpoint counts only
-       when its meta exists), `<out>/metrics.jsonl` (one JSON line per step, appended across restarts)
-       and, when tensorboard is installed (the `tensorboard` extra), the same scalars plus grad norm
-       and samples/s as TensorBoard events in `<out>/tensorboard/` (`tensorboard --logdir <out>`).
+Writes `<out>/ckpt/step-XXXXXXXX/`: every rank writes the engine state into one shared temporary
+       folder `<out>/ckpt/.partial-step-XXXXXXXX/`; once all have, rank 0 renames it to `step-XXXXXXXX/`
+       and then writes `meta.json` (step, data position, fingerprint, and every file of the folder with
+       its size) last: a checkpoint counts only when its meta exists. The newest `keep_checkpoints`
+       complete ones are kept.
+       `<out>/metrics.jsonl`: one JSON line per step, exactly one per step across restarts (a resume
+       from step S first cuts the file back to steps 1..S, dropping a line a crash cut off).
+       When tensorboard is installed (the `tensorboard` extra), the same scalars plus grad norm and
+       samples/s as TensorBoard events in `<out>/tensorboard/` (`tensorboard --logdir <out>`); a resume
+       from step S opens them with `purge_step=S+1`, so TensorBoard drops the steps it saw after S.
 
 Every step: learning rates from the schedule (cosine per step), backward, clip (in the engine, after
 unscaling), optimizer step. A checkpoint every `checkpoint_every` steps and when SIGUSR1 or SIGTERM
 arrives (then the loop stops and the caller exits, e.g. for a SLURM requeue). A restart resumes from
-the newest complete checkpoint and continues with the very next sample of the epoch.
+the newest complete checkpoint and continues with the very next sample of the epoch. Before that, rank
+0 removes what a crash left: `.partial-*` folders and `step-*` folders without meta.json. A checkpoint
+that cannot be used (meta.json not valid JSON, a file missing or of another size than meta.json says,
+or the engine failing to load it on any rank: the ranks agree through an all-reduce) is skipped with
+one warning naming it and the error, and the one before it is tried; when checkpoints exist but none
+can be used, that is a `ShardError` naming them.
 """
 
 from __future__ import annotations
@@ -17,17 +28,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
-from shards.atomic import write_json_atomic
-from stages.errors import StageConfigError
+from shards.atomic import write_json_atomic, write_text_atomic
+from stages.errors import ShardError, StageConfigError
+from stages.training.engine import min_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +74,63 @@ class LoopResult:
     samples_seen: int
 
 
+PARTIAL_PREFIX = ".partial-"  # `ckpt/.partial-step-XXXXXXXX/`: being written; renamed when complete
+META_KEYS = ("step", "epoch", "world_size", "fingerprint")
+
+
 def _ckpt_dir(out: Path, step: int) -> Path:
     return out / "ckpt" / f"step-{step:08d}"
 
 
-def newest_checkpoint(out: Path, fingerprint: str) -> tuple[Path, dict] | None:
-    """The newest checkpoint whose meta.json exists; one made with other settings is an error."""
+def read_meta(folder: Path) -> dict | None:
+    """A checkpoint's meta.json; None when there is none (the checkpoint is incomplete). Raises
+    ValueError when it is there but is not a valid one (a crash or a full disk cut it off)."""
+    try:
+        data = (folder / "meta.json").read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"meta.json is not valid JSON ({err})") from None
+    missing = [key for key in META_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise ValueError(f"meta.json lacks {', '.join(missing)}")
+    if not isinstance(meta["step"], int) or not isinstance(meta.get("files", {}), dict):
+        raise ValueError("meta.json has a step that is not a number or a file list that is not a mapping")
+    return meta
+
+
+def checkpoint_problem(folder: Path, meta: dict) -> str | None:
+    """What is wrong with the files meta.json lists (missing, or another size), None when nothing.
+    Checkpoints written before meta.json listed its files pass; their engine load is the check."""
+    for name, size in sorted(meta.get("files", {}).items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, meta.json says {size}"
+    return None
+
+
+def complete_checkpoints(out: Path, fingerprint: str, warn: bool = True) -> Iterator[tuple[Path, dict]]:
+    """Checkpoints with a valid meta.json, newest first; one whose meta.json is not valid is skipped
+    (with a warning when `warn`); reaching one made with other settings is an error."""
     for folder in sorted((out / "ckpt").glob("step-*"), reverse=True):
-        meta_path = folder / "meta.json"
-        if not meta_path.exists():
+        try:
+            meta = read_meta(folder)
+        except ValueError as err:
+            if warn:
+                log.warning("checkpoint %s is incomplete, skipping it: %s", folder, err)
             continue
-        meta = json.loads(meta_path.read_text())
+        if meta is None:
+            continue
         if meta["fingerprint"] != fingerprint:
             raise StageConfigError(
                 f"{folder} was made with other settings (fingerprint {meta['fingerprint']}, "
                 f"now {fingerprint}); rerun with --force to start over"
             )
-        return folder, meta
-    return None
+        yield folder, meta
 
 
 class _StopFlag:
@@ -110,8 +162,10 @@ def run_loop(
         total=plan.total_steps, initial=step, desc=plan.out.name, unit="step", disable=not is_main
     )
     plan.out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        keep_metrics_until(plan.out / "metrics.jsonl", step)
     metrics = open(plan.out / "metrics.jsonl", "a") if is_main else None
-    board = tensorboard_writer(plan.out) if is_main else None
+    board = tensorboard_writer(plan.out, purge_step=step + 1) if is_main else None
     stopped = False
     with _StopFlag() as stop:
         while step < plan.total_steps and not stopped:
@@ -162,13 +216,33 @@ def _train_step(
     return step + 1
 
 
-def tensorboard_writer(out: Path):
-    """A TensorBoard `SummaryWriter` into `<out>/tensorboard/`, or None when tensorboard is not installed."""
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Cut `metrics.jsonl` back to one row per step for steps 1..`step` (the checkpoint resumed from):
+    rows of the steps a crashed run took after it are trained again, and a line the crash cut off is
+    dropped. Rewritten by rename, and only when something changes."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return
+    rows: dict[int, str] = {}
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            rows[row["step"]] = line  # the latest run's row of a step repeated by older resumes
+    write_text_atomic(path, "".join(rows[s] + "\n" for s in sorted(rows)))
+
+
+def tensorboard_writer(out: Path, purge_step: int | None = None):
+    """A TensorBoard `SummaryWriter` into `<out>/tensorboard/`, or None when tensorboard is not installed.
+    With `purge_step`, TensorBoard drops the events of earlier runs at that step and later ones."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
 
 
 def _board_scalars(board, row: dict, grad_norm: float | None, samples: int) -> None:
@@ -199,11 +273,18 @@ def _engine_grad_norm(model, fallback: float | None) -> float | None:
 
 
 def save_checkpoint(engine, plan: LoopPlan, step: int) -> None:
-    """Engine state on every rank, then meta.json (last, by rank 0) once all ranks have written."""
+    """Engine state on every rank into `ckpt/.partial-step-XXXXXXXX/`; once all ranks have written,
+    rank 0 renames it to `step-XXXXXXXX/`, writes meta.json (last) and prunes older checkpoints."""
     folder = _ckpt_dir(plan.out, step)
-    engine.save(folder)
+    partial = folder.with_name(PARTIAL_PREFIX + folder.name)
+    engine.save(partial)
     engine.barrier()
     if engine.rank == 0:
+        files = {str(p.relative_to(partial)): p.stat().st_size for p in partial.rglob("*") if p.is_file()}
+        if folder.exists():  # one of an earlier attempt that could not be loaded
+            shutil.rmtree(folder)
+        os.rename(partial, folder)
+        _fsync_dir(folder.parent)
         epoch, position = divmod(step, plan.steps_per_epoch)
         write_json_atomic(
             folder / "meta.json",
@@ -214,29 +295,92 @@ def save_checkpoint(engine, plan: LoopPlan, step: int) -> None:
                 "samples_seen": step * plan.batch_size * engine.world_size,
                 "world_size": engine.world_size,
                 "fingerprint": plan.fingerprint,
+                "files": dict(sorted(files.items())),
             },
         )
-        complete = sorted(p.parent for p in (plan.out / "ckpt").glob("step-*/meta.json"))
-        for old in complete[: -plan.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune_checkpoints(plan.out, step, plan.keep_checkpoints)
     engine.barrier()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune_checkpoints(out: Path, step: int, keep: int) -> None:
+    """Keep the newest `keep` checkpoints up to `step` with a valid meta.json; remove every folder
+    older than those. Newer ones (left by an earlier attempt, not loadable) wait to be replaced."""
+    older = [f for f in sorted((out / "ckpt").glob("step-*")) if f.name <= _ckpt_dir(out, step).name]
+    valid = [f for f in older if _has_valid_meta(f)]
+    for stale in older[: older.index(valid[-keep])] if len(valid) >= keep else []:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _has_valid_meta(folder: Path) -> bool:
+    try:
+        return read_meta(folder) is not None
+    except ValueError:
+        return False
 
 
 def _resume(engine, plan: LoopPlan) -> int:
-    found = newest_checkpoint(plan.out, plan.fingerprint)
-    if found is None:
-        return 0
-    folder, meta = found
-    if meta["world_size"] != engine.world_size:
-        raise StageConfigError(
-            f"{folder} was written by {meta['world_size']} processes, this run has "
-            f"{engine.world_size}; resume with the same number"
-        )
-    engine.load(folder)
+    """The step of the newest checkpoint every rank could load (0 when there is none)."""
+    if engine.rank == 0:
+        _remove_leftovers(plan.out / "ckpt")
     engine.barrier()
-    if engine.rank == 0:  # checkpoints a crash left without meta.json are of no use
-        for stale in (plan.out / "ckpt").glob("step-*"):
-            if not (stale / "meta.json").exists():
-                shutil.rmtree(stale, ignore_errors=True)
-    log.info("resumed from %s (step %d, epoch %d)", folder, meta["step"], meta["epoch"])
-    return meta["step"]
+    failed, load_failed = [], False
+    for folder, meta in complete_checkpoints(plan.out, plan.fingerprint, warn=engine.rank == 0):
+        if meta["world_size"] != engine.world_size:
+            raise StageConfigError(
+                f"{folder} was written by {meta['world_size']} processes, this run has "
+                f"{engine.world_size}; resume with the same number"
+            )
+        problem = _agreed(engine, folder, checkpoint_problem(folder, meta))
+        if problem is None:
+            problem = _agreed(engine, folder, _load(engine, folder))
+            load_failed = load_failed or problem is not None
+        if problem is None:
+            log.info("resumed from %s (step %d, epoch %d)", folder, meta["step"], meta["epoch"])
+            return meta["step"]
+        failed.append(folder)
+    if failed:
+        them = "them" if len(failed) > 1 else "it"
+        fix = f"delete {them}" if load_failed else f"delete {them} or rerun with --force"
+        raise ShardError(
+            f"no checkpoint to resume from: {', '.join(map(str, failed))} cannot be loaded "
+            f"(see the warnings above); {fix} to start over"
+        )
+    return 0
+
+
+def _remove_leftovers(ckpt: Path) -> None:
+    """What a crash leaves: `.partial-*` folders and `step-*` folders without meta.json."""
+    leftovers = list(ckpt.glob(PARTIAL_PREFIX + "*"))
+    leftovers += [f for f in ckpt.glob("step-*") if not (f / "meta.json").exists()]
+    for folder in leftovers:
+        log.info("removing %s, a checkpoint a crash left incomplete", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _load(engine, folder: Path) -> str | None:
+    """Load the checkpoint into the engine; what went wrong as one line, or None."""
+    try:
+        engine.load(folder)
+    except Exception as err:  # cut-off or damaged files: EOFError, RuntimeError, UnpicklingError, ...
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    return None
+
+
+def _agreed(engine, folder: Path, problem: str | None) -> str | None:
+    """None when no rank has a problem with `folder`; else the lowest such rank warns with its own
+    and every rank returns a problem (all ranks call this for every checkpoint they try)."""
+    first = min_over_ranks(engine.world_size if problem is None else engine.rank, engine.device)
+    if first == engine.world_size:
+        return None
+    if engine.rank == first:
+        where = "" if engine.world_size == 1 else f" on rank {engine.rank}"
+        log.warning("checkpoint %s cannot be used%s, skipping it: %s", folder, where, problem)
+    return problem or f"rank {first} could not load it"

@@ -3,7 +3,7 @@ engine, stale-checkpoint clean-up and the final export with its marker."""
 
 from __future__ import annotations
 
-import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,10 @@ from stages.base import RunContext, StageResult, UnitPlan, finish_stage, plan_un
 from stages.errors import StageConfigError
 from stages.layout import FINAL_UNIT, RunLayout
 from stages.training.engine import make_engine
+from stages.training.loop import checkpoint_problem, read_meta
 from stages.training.model import export_model
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_identity(pretrained: str | None) -> str | None:
@@ -69,11 +72,23 @@ def engine_for(cfg, ctx: RunContext):
 
 
 def drop_stale_checkpoints(out: Path, fingerprint: str, ctx: RunContext, engine) -> None:
-    """With --force, checkpoints made with other settings are removed (by rank 0) before resuming."""
+    """With --force, rank 0 removes before resuming the checkpoints made with other settings and the
+    ones that cannot be used: meta.json not valid, or a file it lists missing or of another size."""
     if ctx.force and engine.rank == 0:
-        for meta in (out / "ckpt").glob("step-*/meta.json"):
-            if json.loads(meta.read_text()).get("fingerprint") != fingerprint:
-                shutil.rmtree(meta.parent, ignore_errors=True)
+        for folder in (out / "ckpt").glob("step-*"):
+            try:
+                meta = read_meta(folder)
+            except ValueError as err:
+                log.info("--force: removing %s (%s)", folder, err)
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            if meta is None:
+                continue  # incomplete: the loop removes it when it resumes
+            stale = meta["fingerprint"] != fingerprint
+            problem = "made with other settings" if stale else checkpoint_problem(folder, meta)
+            if problem:
+                log.info("--force: removing %s (%s)", folder, problem)
+                shutil.rmtree(folder, ignore_errors=True)
     engine.barrier()
 
 

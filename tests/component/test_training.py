@@ -133,6 +133,9 @@ def test_interrupted_finetune_resumes_to_identical_parameters(tmp_path, tiny_mod
     assert all(torch.equal(straight[n], resumed[n]) for n in straight)
     done = json.loads((out / "_done" / "final.json").read_text())
     assert done["counts"] == {"steps": 60, "samples_seen": 240}  # 24 images / batch 4 x 10 epochs
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]  # the steps after the
+    assert [m["step"] for m in metrics] == list(range(1, 61))  # checkpoint were trained again: once
+    assert not list(out.glob("ckpt/.partial-*"))
 
 
 def test_deepspeed_two_processes_finetune_and_realign(tmp_path, tiny_models):
@@ -183,6 +186,8 @@ def test_deepspeed_two_processes_finetune_and_realign(tmp_path, tiny_models):
 
 
 def test_deepspeed_resume_after_sigusr1_equals_straight_run(tmp_path, tiny_models):
+    """Also: rank 1 alone cannot load the newest checkpoint (its ZeRO file is damaged); both ranks
+    agree to resume from the one before, and still end where the straight run ends."""
     zero2 = str(REPO / "launch" / "deepspeed" / "zero2.json")
     settings = {"deepspeed": zero2, "epochs": 6, "checkpoint_every": 2, "loss": "gpr"}
     for root in ("straight", "interrupted"):
@@ -190,7 +195,7 @@ def test_deepspeed_resume_after_sigusr1_equals_straight_run(tmp_path, tiny_model
         _manifest(tmp_path, tiny_models, finetune=settings, root=root, name=f"{root}.yaml")
         assert cli(["run", str(tmp_path / f"{root}.yaml"), "--stage", "caption"]) == 0
 
-    def launch(root: str) -> subprocess.Popen:
+    def launch(root: str, log=subprocess.DEVNULL) -> subprocess.Popen:
         return subprocess.Popen(
             [
                 sys.executable,
@@ -208,18 +213,29 @@ def test_deepspeed_resume_after_sigusr1_equals_straight_run(tmp_path, tiny_model
             env=cli_env(),
             start_new_session=True,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=log,
         )
 
     assert launch("straight").wait(timeout=900) == 0
     out = tmp_path / "interrupted" / "finetune" / "mcip"
     process = launch("interrupted")
-    _kill_when("ckpt/step-*/meta.json", out, process, signal.SIGUSR1)
+    _kill_when("ckpt/step-00000004/meta.json", out, process, signal.SIGUSR1)  # then 2 checkpoints exist
     assert not (out / "final").exists(), "the signal should land mid-training"
-    assert launch("interrupted").wait(timeout=900) == 0
+    *_, previous, newest = sorted(out.glob("ckpt/step-*"))
+    (zero_file,) = newest.glob("pytorch_model/*zero_pp_rank_1_*optim_states.pt")
+    data = zero_file.read_bytes()  # the same size: only loading it finds the damage, on rank 1 alone
+    zero_file.write_bytes(data[:-1024] + bytes(1024))
+    with open(tmp_path / "resume.log", "w") as log:
+        assert launch("interrupted", log).wait(timeout=900) == 0
+    lines = (tmp_path / "resume.log").read_text().splitlines()
+    warned = [line for line in lines if "WARNING" in line and f"checkpoint {newest} cannot be used" in line]
+    assert len(warned) == 1 and "on rank 1" in warned[0], lines[-20:]
+    assert sum(f"resumed from {previous} " in line for line in lines) == 2, lines[-20:]  # both ranks
     straight = _state(tmp_path / "straight" / "finetune" / "mcip" / "final" / "model.pt")
     resumed = _state(out / "final" / "model.pt")
     assert all(torch.equal(straight[n], resumed[n]) for n in straight)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert [m["step"] for m in metrics] == list(range(1, 25))  # 32 images / (4 x 2) x 6 epochs
 
 
 def test_finetune_without_labels_is_a_clear_error(tmp_path, tiny_models, capsys):
