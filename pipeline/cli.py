@@ -2,7 +2,7 @@
 
     python -m pipeline validate examples/demo.yaml
     python -m pipeline plan examples/demo.yaml
-    python -m pipeline run examples/demo.yaml [--stage S | --from S] [--force] [--retry-failed]
+    python -m pipeline run examples/demo.yaml [--stage S | --from S] [--force] [--retry-failed] [--repair]
     python -m pipeline status examples/demo.yaml [--json]
     python -m pipeline export examples/demo.yaml --captions retrieval --to runs/demo/export
     python -m pipeline inspect examples/demo.yaml --captions retrieval [--shards 000000] [--samples 64]
@@ -14,6 +14,7 @@ Exit code 0 on success; otherwise one line `error: ...` on stderr and exit code 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from pipeline.manifest import ManifestError, load_manifest
 from pipeline.registry import STAGE_ORDER
 from pipeline.runner import check_inputs, run_stages, select_stages, stage_status
 from shards import identity
+from stages.base import repair_hint
 from stages.errors import StageError
 
 log = logging.getLogger("pipeline")
@@ -51,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--stage", choices=STAGE_ORDER, help="run only this stage")
     which.add_argument("--from", dest="start", choices=STAGE_ORDER, help="run this stage and the later ones")
     run.add_argument("--force", action="store_true", help="redo units made with other settings")
+    run.add_argument(
+        "--repair",
+        action="store_true",
+        help="redo the units whose files no longer match their markers (deleted, cut off, replaced)",
+    )
     run.add_argument(
         "--retry-failed",
         action="store_true",
@@ -84,12 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = load_manifest(args.manifest)
         ctx = context_from_env(manifest.run.root, manifest.run.seed, force=getattr(args, "force", False))
+        ctx = dataclasses.replace(ctx, repair=getattr(args, "repair", False))
         identity.use_cache_dir(os.environ.get("MCIP_CACHE_DIR") or Path.home() / ".cache" / "mcip-pipeline")
         logs.setup_logging(ctx.rank, ctx.world_size, args.verbose)
         return COMMANDS[args.command](args, manifest, ctx)
     except StageError as err:  # input or state a user can fix (stages/errors.py); anything else is a bug
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_named(str(err), args)}", file=sys.stderr)
         return 2
+
+
+def _named(text: str, args) -> str:
+    """The repair command with this run's manifest path in it."""
+    return text.replace(repair_hint(), repair_hint(getattr(args, "manifest", "MANIFEST")))
 
 
 def _validate(args, manifest, ctx) -> int:
@@ -104,24 +117,46 @@ def _plan(args, manifest, ctx) -> int:
     for name in manifest.configured_stages():
         status = stage_status(manifest, name)
         if status.waiting_for:
-            print(f"{name}: waiting ({status.waiting_for})")
+            print(f"{name}: waiting ({_named(status.waiting_for, args)})")
             continue
         more = f", {status.units_stale} made with other settings (need --force)" if status.units_stale else ""
+        if status.damaged:
+            more += f", {len(status.damaged)} damaged (need --repair)"
         print(
             f"{name}: {status.units_total} units, {status.units_done} done, "
             f"{status.units_total - status.units_done} pending{more}"
         )
+        _print_damaged(status, args)
     return 0
+
+
+DAMAGED_SHOWN = 10
+
+
+def _print_damaged(status, args) -> None:
+    """One indented line per damaged unit (the first few), then the command that redoes them."""
+    for unit, problems in list(status.damaged.items())[:DAMAGED_SHOWN]:
+        print(f"  damaged unit {unit}: {problems}")
+    if len(status.damaged) > DAMAGED_SHOWN:
+        print(f"  ... and {len(status.damaged) - DAMAGED_SHOWN} more damaged units")
+    if status.damaged:
+        print(f"  {repair_hint(args.manifest)} redoes them")
 
 
 def _status(args, manifest, ctx) -> int:
     statuses = [stage_status(manifest, name) for name in manifest.configured_stages()]
     if args.json:
+        for s in statuses:
+            s.waiting_for = s.waiting_for and _named(s.waiting_for, args)
         print(json.dumps({s.stage: s.to_dict() for s in statuses}, indent=2))
         return 0
     extra = slurm_cli.job_lines(manifest.run.root, statuses)
     for s in statuses:
-        print(f"{s.stage}: " + (f"waiting ({s.waiting_for})" if s.waiting_for else _status_line(s)))
+        print(
+            f"{s.stage}: "
+            + (f"waiting ({_named(s.waiting_for, args)})" if s.waiting_for else _status_line(s))
+        )
+        _print_damaged(s, args)
         for line in extra.get(s.stage, []):
             print(f"  {line}")
     return 0
@@ -135,7 +170,10 @@ def _status_line(s) -> str:
         samples = ", ".join(
             f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if not isinstance(v, dict)
         )
-    return f"{s.units_done}/{s.units_total} units done; {samples}" + (" [complete]" if s.is_complete else "")
+    damaged = f"; {len(s.damaged)} damaged" if s.damaged else ""
+    return f"{s.units_done}/{s.units_total} units done; {samples}{damaged}" + (
+        " [complete]" if s.is_complete else ""
+    )
 
 
 def _run(args, manifest, ctx) -> int:

@@ -2,7 +2,9 @@
 
 The stages and what a stage module offers are in `pipeline.registry`; the unit bookkeeping itself
 (markers, fingerprints, rank split) is in `stages.base`. A stage whose input is not ready
-(`InputNotReady`) is "waiting"; any other error is reported as it is.
+(`InputNotReady`) or damaged (`DamagedOutput`: an upstream file no longer matches its marker) is
+"waiting"; any other error is reported as it is. A unit whose own files no longer match its marker
+is not done: `status` lists it under `damaged`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pipeline.manifest import Manifest, resolved_yaml
 from pipeline.registry import stage_module
 from shards.atomic import write_text_atomic
 from shards.locks import FileLock, LockHeld
-from stages.base import RunContext, StageResult, fingerprint_of, read_markers
+from stages.base import DamagedOutput, RunContext, StageResult, damaged_units, fingerprint_of, read_markers
 from stages.errors import InputNotReady, StageError
 from stages.layout import RunLayout
 
@@ -146,6 +148,7 @@ class StageStatus:
     counts: dict[str, Any] = field(default_factory=dict)
     is_complete: bool = False
     waiting_for: str | None = None  # why the stage cannot be planned yet (its input is missing)
+    damaged: dict[str, str] = field(default_factory=dict)  # unit -> what differs from its marker
     units: list[str] = field(default_factory=list, repr=False)  # all of them, in rank-split order
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,24 +156,28 @@ class StageStatus:
 
 
 def stage_status(manifest: Manifest, name: str) -> StageStatus:
-    """Units done/total (done = marker with the current fingerprint) and merged counts."""
+    """Units done/total (done = marker with the current fingerprint, its files as it records them:
+    quick check), the damaged units and merged counts."""
     module = stage_module(name)
     try:
         folder, units, settings = module.describe(
             manifest.stage_config(name), manifest.run.root, manifest.run.seed
         )
-    except InputNotReady as err:
+    except (InputNotReady, DamagedOutput) as err:
         return StageStatus(stage=name, units_total=0, units_done=0, units_stale=0, waiting_for=str(err))
     fingerprint = fingerprint_of(settings)
     found = read_markers(folder, units)
-    done = {u: m for u, m in found.items() if m.get("fingerprint") == fingerprint}
+    current = {u: m for u, m in found.items() if m.get("fingerprint") == fingerprint}
+    damaged = damaged_units(folder, current)
+    done = {u: m for u, m in current.items() if u not in damaged}
     return StageStatus(
         stage=name,
         units_total=len(units),
         units_done=len(done),
-        units_stale=len(found) - len(done),
+        units_stale=len(found) - len(current),
         pending=[u for u in units if u not in done],
         units=list(units),
         counts=module.merge_counts(list(done.values())),
         is_complete=len(done) == len(units),
+        damaged={u: ", ".join(problems) for u, problems in damaged.items()},
     )

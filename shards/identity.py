@@ -49,6 +49,13 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
+def remember_sha256(path: Path, digest: str) -> None:
+    """Note (in this process) the sha256 of a file just written, hashed while it was written."""
+    resolved = str(Path(path).resolve())
+    stat = os.stat(resolved)
+    _memory[(resolved, stat.st_size, stat.st_mtime_ns)] = digest
+
+
 def _entry_path(resolved: str) -> Path:
     return _cache_dir / f"{hashlib.sha256(resolved.encode()).hexdigest()[:32]}.json"
 

@@ -1,7 +1,14 @@
 """Completion markers: `<stage dir>/_done/<unit>.json`, written last, by rename.
 
-A unit is done when its marker exists and its fingerprint matches the current one. The marker
-also keeps the settings that made the fingerprint, so a mismatch can say what changed.
+A unit is done when its marker exists, its fingerprint matches the current one and the files it
+records are still what they were. The marker also keeps the settings that made the fingerprint, so a
+mismatch can say what changed, and (since issue 15) what the unit produced:
+
+    "outputs": {"000003.tar": {"bytes": 20480, "mtime_ns": ..., "samples": 5,
+                               "keys_sha256": "...", "sha256": "..."}, ...}
+
+paths relative to the stage folder; the record and its checks are in shards/verify.py. A marker
+without "outputs" (written before) is trusted as it was.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from shards.atomic import write_json_atomic
 
 DONE_DIR = "_done"
 SUCCESS_FILE = "_SUCCESS.json"
+OUTPUTS = "outputs"  # the marker's record of the unit's files
 
 
 class MarkerError(ValueError):

@@ -1,7 +1,8 @@
 """Tar shards: deterministic writing (sorted keys, fixed mtime) and complete reading.
 
 `read_tar_samples` reads a whole tar and raises `TruncatedTarError` on a cut-off file, so a tar
-that a killed downloader left half-written is never accepted.
+that a killed downloader left half-written is never accepted. `tar_keys` reads only the member
+headers (a marker's sample count and keys digest, shards/verify.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from shards.atomic import commit_tmp, tmp_path_for
-from shards.identity import sha256_of
+from shards.identity import remember_sha256, sha256_of
 
 Sample = dict[str, bytes]  # extension -> bytes, plus "__key__" -> key (str encoded)
 
@@ -47,6 +48,22 @@ def read_tar_samples(path: Path) -> "OrderedDict[str, dict[str, bytes]]":
     return samples
 
 
+def tar_keys(path: Path) -> list[str]:
+    """The sample keys of a tar in file order, from its member headers alone (the data is skipped);
+    raises TruncatedTarError if the tar is cut off or unreadable."""
+    keys: dict[str, None] = {}
+    try:
+        if Path(path).stat().st_size % tarfile.BLOCKSIZE:  # tarfile reads a cut header as the end
+            raise tarfile.ReadError(f"size is not a multiple of {tarfile.BLOCKSIZE} bytes: cut off")
+        with tarfile.open(path, "r:") as archive:
+            for member in archive:
+                if member.isfile():
+                    keys.setdefault(split_member_name(member.name)[0])
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise TruncatedTarError(f"{path}: unreadable tar ({err})") from err
+    return list(keys)
+
+
 def write_tar_atomic(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> dict:
     """Write samples (key, {ext: bytes}) in the given order; return size, sha256 and count.
 
@@ -68,6 +85,7 @@ def write_tar_atomic(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]
         digest = sha256_of(tmp)
         size = tmp.stat().st_size
         commit_tmp(tmp, path)
+        remember_sha256(path, digest)  # the marker's record then needs no second read
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -1,6 +1,10 @@
 """What every stage shares: the run context, typed results, manifest paths, fingerprints and the
 unit bookkeeping (which units are done, which are this rank's, mismatch checks, _SUCCESS.json).
 
+A done unit's marker records its files (`mark_done(..., outputs=[...])`, shards/verify.py); a unit
+whose files no longer match is damaged: not done, and a `DamagedOutput` error unless the run was
+started with `--repair` (`ctx.repair`), which removes its marker so the unit is redone.
+
 Stages import this; `pipeline` builds the `RunContext` from the environment and calls the stages.
 """
 
@@ -12,11 +16,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, WrapValidator
 
-from shards import markers
+from shards import markers, verify
 from shards.naming import rank_split
 from stages.errors import ShardError, StageConfigError
 
@@ -32,6 +36,7 @@ class RunContext:
     world_size: int = 1
     seed: int = 0
     force: bool = False
+    repair: bool = False  # redo units whose files no longer match their markers
 
     @property
     def is_main(self) -> bool:
@@ -112,8 +117,9 @@ class UnitPlan:
     def pending(self) -> list[str]:
         return [u for u in self.units if u not in self.done]
 
-    def mark_done(self, unit: str, payload: dict[str, Any]) -> None:
-        """Write the unit's marker (last, by rename) with the fingerprint and its settings."""
+    def mark_done(self, unit: str, payload: dict[str, Any], outputs: Sequence[Path] = ()) -> None:
+        """Write the unit's marker (last, by rename) with the fingerprint, its settings and a record
+        of each file in `outputs` (size, content summary, sha256), which later runs check."""
         marker = {
             "unit": unit,
             "fingerprint": self.fingerprint,
@@ -121,8 +127,50 @@ class UnitPlan:
             "finished_at": time.time(),
             **payload,
         }
+        if outputs:
+            try:
+                marker[markers.OUTPUTS] = verify.outputs_record(self.stage_dir, outputs)
+            except (OSError, verify.UnreadableOutput) as err:
+                raise ShardError(f"unit {unit}: cannot record its output: {err}") from None
         markers.write_marker(self.stage_dir, unit, marker)
         self.done[unit] = marker
+
+
+def repair_hint(manifest: str = "MANIFEST") -> str:
+    """The command that redoes damaged units (the CLI puts in the manifest's path)."""
+    return f"`mcip run {manifest} --repair`"
+
+
+class DamagedOutput(ShardError):
+    """Done units whose files no longer match their markers: one line naming each file (the first
+    few) and what differs, and the command that redoes them."""
+
+    SHOWN = 3
+
+    def __init__(self, label: str, problems: dict[str, list[str]]) -> None:
+        super().__init__(label, problems)
+        self.label, self.problems = label, problems
+
+    def __str__(self) -> str:
+        units = list(self.problems)
+        shown = "; ".join(
+            f"{self.label} unit {u}: {', '.join(self.problems[u])}" for u in units[: self.SHOWN]
+        )
+        more = f"; {len(units) - self.SHOWN} more damaged units" if len(units) > self.SHOWN else ""
+        return f"{shown}{more}; {repair_hint()} redoes {'it' if len(units) == 1 else 'them'}"
+
+
+def damaged_units(
+    stage_dir: Path, done: dict[str, dict[str, Any]], full: bool = False
+) -> dict[str, list[str]]:
+    """The done units (by marker) whose recorded files differ, with what differs; markers without a
+    record of their files (written before records existed) are trusted."""
+    damaged = {}
+    for unit, marker in done.items():
+        problems = verify.check_outputs(stage_dir, marker.get(markers.OUTPUTS) or {}, full)
+        if problems:
+            damaged[unit] = problems
+    return damaged
 
 
 def read_markers(stage_dir: Path, units: list[str]) -> dict[str, dict[str, Any]]:
@@ -147,11 +195,13 @@ def plan_units(
     ctx: RunContext,
     split_by_rank: bool = True,
 ) -> UnitPlan:
-    """Read markers, check fingerprints, and pick this rank's pending units.
+    """Read markers, check fingerprints and files, and pick this rank's pending units.
 
     A done unit made with other settings is an error naming what changed; with `ctx.force` its
-    marker is removed so the unit is redone. Training stages (one collective unit that every rank
-    works on) pass `split_by_rank=False`.
+    marker is removed so the unit is redone. A done unit whose files differ from its marker's record
+    (quick check: size, and content when the mtime changed) is a `DamagedOutput`; with `ctx.repair`
+    its marker and `_SUCCESS.json` are removed so it is redone. Training stages (one collective
+    unit that every rank works on) pass `split_by_rank=False`.
     """
     fingerprint = fingerprint_of(settings)
     done = read_markers(stage_dir, units)
@@ -168,14 +218,36 @@ def plan_units(
         if unit in share:
             markers.remove_marker(stage_dir, unit)
         del done[unit]
+    _repair_damaged(stage, stage_dir, done, share, ctx)
     mine = [u for u in share if u not in done]
     return UnitPlan(Path(stage_dir), fingerprint, settings, list(units), done, mine)
 
 
+def _repair_damaged(
+    stage: str, stage_dir: Path, done: dict[str, dict[str, Any]], share: list[str], ctx: RunContext
+) -> None:
+    """Drop damaged units from `done`; without `ctx.repair` they are an error. Only this rank's
+    share loses its markers: another rank's damaged units are that rank's to redo."""
+    damaged = damaged_units(stage_dir, done)
+    if not damaged:
+        return
+    if not ctx.repair:
+        raise DamagedOutput(stage, damaged)
+    for unit, problems in damaged.items():
+        if unit in share:
+            log.warning("%s unit %s: %s; redoing it (--repair)", stage, unit, ", ".join(problems))
+            markers.remove_marker(stage_dir, unit)
+        del done[unit]
+    markers.clear_success(stage_dir)
+
+
 def finish_stage(stage: str, plan: UnitPlan, units_run: int, merge_counts) -> StageResult:
-    """Re-read the markers; when every unit is done, write `_SUCCESS.json` with merged counts."""
+    """Re-read the markers; when every unit is done (and its files match), write `_SUCCESS.json`
+    with merged counts."""
     plan.done = read_markers(plan.stage_dir, plan.units)
     current = {u: m for u, m in plan.done.items() if m.get("fingerprint") == plan.fingerprint}
+    for unit in damaged_units(plan.stage_dir, current):  # another rank's, left for it to repair
+        del current[unit]
     counts = merge_counts([current[u] for u in plan.units if u in current])
     result = StageResult(stage, len(plan.units), len(current), units_run, counts)
     if result.is_complete:

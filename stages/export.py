@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 def export_captions(root: Path, caption_set: str, target: Path) -> dict[str, int]:
     """Write the joined shards into `target`; return totals (samples written, images skipped)."""
     layout = RunLayout(root)
-    units = layout.captioned(caption_set).units
+    units = layout.captioned(caption_set).verify().units
+    layout.downloaded().verify(units)
     sizes, skipped = {}, 0
     for unit in tqdm(units, desc=f"export[{caption_set}]", unit="shard"):
         samples, missing = _joined_samples(layout.image_tar(unit), layout.caption_shard(caption_set, unit))

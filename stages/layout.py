@@ -12,16 +12,21 @@
 Stages ask a `RunLayout` for their paths instead of joining strings, so the layout can be read (and
 changed) here. A stage is complete when its folder holds `_SUCCESS.json` (written once every unit has
 its marker): `require_complete` is how a later stage asks, and it raises `InputNotReady` otherwise.
+It also checks every unit's files against its marker (quick: sizes, and content where the mtime
+changed) and raises `DamagedOutput` naming the file; a reader that opens the files anyway asks for
+the full check of the units it reads with `CompleteStage.verify(units)`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
-from shards.markers import DONE_DIR, SUCCESS_FILE
+from shards.markers import DONE_DIR, OUTPUTS, SUCCESS_FILE
 from shards.naming import list_shards
+from stages.base import DamagedOutput, damaged_units, read_markers
 from stages.errors import InputNotReady, ShardError
 
 FINAL_UNIT = "final"  # the one unit of a training stage, and the folder of its exported model
@@ -36,6 +41,31 @@ class CompleteStage:
     folder: Path
     fingerprint: str
     units: list[str]
+    label: str = ""  # how errors name it: "download", "caption"
+    markers: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
+    legacy_files: Callable[[str], list[Path]] | None = field(default=None, repr=False, compare=False)
+
+    def verify(self, units: list[str] | None = None) -> "CompleteStage":
+        """The full check (counts, keys, sha256) of `units` (default: all), for a reader about to
+        open their files; `DamagedOutput` naming the file and what differs. Returns self."""
+        chosen = self.units if units is None else units
+        problems = _unit_problems(self, {u: self.markers[u] for u in chosen if u in self.markers}, full=True)
+        if problems:
+            raise DamagedOutput(self.label, problems)
+        return self
+
+
+def _unit_problems(
+    stage: CompleteStage, found: dict[str, dict[str, Any]], full: bool
+) -> dict[str, list[str]]:
+    """What differs, by unit: recorded files against their records; a marker written before records
+    existed only needs its stage's files (`legacy_files`) to exist."""
+    problems = damaged_units(stage.folder, {u: m for u, m in found.items() if OUTPUTS in m}, full)
+    for unit in (u for u, m in found.items() if OUTPUTS not in m and stage.legacy_files):
+        missing = [f"{path} is missing" for path in stage.legacy_files(unit) if not path.exists()]
+        if missing:
+            problems[unit] = missing
+    return dict(sorted(problems.items()))
 
 
 @dataclass(frozen=True)
@@ -120,8 +150,17 @@ class RunLayout:
     def resolved_manifest(self) -> Path:
         return self.root / "manifest.resolved.yaml"
 
-    def require_complete(self, folder: Path, what: str) -> CompleteStage:
-        """The finished stage in `folder`; `InputNotReady` naming `what` when it is not finished."""
+    def require_complete(
+        self,
+        folder: Path,
+        what: str,
+        label: str | None = None,
+        legacy_files: Callable[[str], list[Path]] | None = None,
+    ) -> CompleteStage:
+        """The finished stage in `folder`; `InputNotReady` naming `what` when it is not finished,
+        `DamagedOutput` (errors name it `label`, default `what`) when a unit's files differ from its
+        marker (quick check) or, for markers without a record, a file of `legacy_files(unit)` is
+        missing."""
         success = Path(folder) / SUCCESS_FILE
         units = list_shards(Path(folder) / DONE_DIR, ".json")
         if not success.exists():
@@ -133,16 +172,33 @@ class RunLayout:
             fingerprint = json.loads(success.read_text())["fingerprint"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ShardError(f"{success}: damaged ({err}); delete it and rerun {what}") from None
-        return CompleteStage(Path(folder), fingerprint, units)
+        found = {u: _outputs_only(m) for u, m in read_markers(Path(folder), units).items()}
+        stage = CompleteStage(Path(folder), fingerprint, units, label or what, found, legacy_files)
+        problems = _unit_problems(stage, found, full=False)
+        if problems:
+            raise DamagedOutput(stage.label, problems)
+        return stage
 
     def downloaded(self) -> CompleteStage:
-        return self.require_complete(self.images, "the download stage")
+        return self.require_complete(
+            self.images, "the download stage", "download", lambda u: [self.image_tar(u)]
+        )
 
     def finetuned(self, name: str) -> CompleteStage:
         return self.require_complete(self.finetune(name), f"finetune {name!r}")
 
     def captioned(self, caption_set: str) -> CompleteStage:
-        return self.require_complete(self.captions(caption_set), f"caption set {caption_set!r}")
+        return self.require_complete(
+            self.captions(caption_set),
+            f"caption set {caption_set!r}",
+            "caption",
+            lambda u: [self.caption_shard(caption_set, u)],
+        )
+
+
+def _outputs_only(marker: dict[str, Any]) -> dict[str, Any]:
+    """What a finished stage keeps of a marker (its settings can be large and are not needed)."""
+    return {OUTPUTS: marker[OUTPUTS]} if OUTPUTS in marker else {}
 
 
 def read_labels(layout: RunLayout) -> list | None:

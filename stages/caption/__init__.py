@@ -212,6 +212,7 @@ def run(cfg: CaptionConfig, ctx: RunContext) -> StageResult:
     images = layout.downloaded()
     settings = settings_of(cfg, images.fingerprint, ctx.seed)
     plan = plan_units(NAME, layout.captions(cfg.caption_set), images.units, settings, ctx)
+    images.verify(plan.mine)  # the full check of the tars about to be read: keys, counts, hashes
     if plan.mine:
         from stages.caption.server_process import serving
 

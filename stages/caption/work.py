@@ -129,7 +129,7 @@ class _ShardWriter:
             )
         path = self.out / f"{unit}.parquet"
         write_caption_shard(path, rows)
-        self.plan.mark_done(unit, {"counts": counts, "parquet_sha256": file_sha256(path)})
+        self.plan.mark_done(unit, {"counts": counts, "parquet_sha256": file_sha256(path)}, outputs=[path])
         self.progress.update(1)
 
 

@@ -176,7 +176,7 @@ class _Finalizer(threading.Thread):
         except (ShardCheckError, TruncatedTarError) as err:
             self.failures.append(str(err))
             return
-        self.plan.mark_done(unit, payload)
+        self.plan.mark_done(unit, payload, outputs=[self.out / f"{unit}.tar", self.out / f"{unit}.parquet"])
         self.images_ok += payload["counts"]["ok"]
         self.progress.update(1)
 

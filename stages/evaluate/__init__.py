@@ -210,7 +210,9 @@ def run(cfg: EvaluateConfig, ctx: RunContext) -> StageResult:
         for entry in (m for m in cfg.models if m.name in plan.mine):
             identity = plan.settings["model_identities"][entry.name]
             metrics = scoring.evaluate_model(cfg, ctx.root, entry, identity, data, folder)
-            plan.mark_done(entry.name, {"metrics": metrics})
+            plan.mark_done(
+                entry.name, {"metrics": metrics}, outputs=[folder / "metrics" / f"{entry.name}.json"]
+            )
     result = finish_stage(NAME, plan, len(plan.mine), merge_counts)
     if result.is_complete and ctx.is_main:
         table = report.write_report(cfg, data, folder, {u: plan.done[u]["metrics"] for u in plan.units})

@@ -74,16 +74,19 @@ class SampleRef:
 def _tar_members(tar: Path) -> tuple[list[str], dict[str, tuple[int, int]], dict[str, int], dict[str, str]]:
     """Keys in file order, (offset, size) of each key's jpg, each key's class (.cls) and alt text (.txt)."""
     keys, jpgs, classes, alts = [], {}, {}, {}
-    with tarfile.open(tar, "r:") as archive:
-        for member in archive:
-            key, _, ext = member.name.partition(".")
-            if ext == "jpg":
-                keys.append(key)
-                jpgs[key] = (member.offset_data, member.size)
-            elif ext == "cls":
-                classes[key] = int(archive.extractfile(member).read())
-            elif ext == "txt":
-                alts[key] = archive.extractfile(member).read().decode("utf-8", "replace")
+    try:
+        with tarfile.open(tar, "r:") as archive:
+            for member in archive:
+                key, _, ext = member.name.partition(".")
+                if ext == "jpg":
+                    keys.append(key)
+                    jpgs[key] = (member.offset_data, member.size)
+                elif ext == "cls":
+                    classes[key] = int(archive.extractfile(member).read())
+                elif ext == "txt":
+                    alts[key] = archive.extractfile(member).read().decode("utf-8", "replace")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        raise ShardError(f"{tar}: damaged image shard ({err}); `run --repair` redoes it") from None
     return keys, jpgs, classes, alts
 
 

@@ -97,7 +97,10 @@ def _class_count(root) -> int:
 
 
 def _dataset(cfg, ctx: RunContext, clip) -> CaptionedImages:
-    units = RunLayout(ctx.root).downloaded().units
+    layout = RunLayout(ctx.root)
+    units = layout.downloaded().verify().units
+    if cfg.loss == "mcip":
+        layout.captioned(cfg.captions).verify(units)
     refs = index_samples(ctx.root, units, cfg.captions if cfg.loss == "mcip" else None)
     unlabelled = next((r for r in refs if r.cls < 0), None)
     if unlabelled is not None:

@@ -4,6 +4,7 @@ against them. See stages/realign.py; what unlocks in each model family: captioni
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -53,8 +54,11 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
     clip = build_model(arch, str(source), config_dir, str(engine.device))
     # before the image embeddings: a bad unlocked_layers or a sigmoid loss without logit_bias fails at once
     freeze_for_realign(clip.model, cfg.unlocked_layers, train_logit_bias=cfg.loss == "siglip")
-    units = RunLayout(ctx.root).downloaded().units
+    layout = RunLayout(ctx.root)
+    units = layout.downloaded().verify().units
     alt_text = cfg.captions == ALT_TEXT
+    if not alt_text:
+        layout.captioned(cfg.captions).verify(units)
     refs = index_samples(ctx.root, units, None if alt_text else cfg.captions)
     embeddings = image_embeddings(cfg, ctx, clip, refs, units, engine, source)
     texts = [r.alt_text if alt_text else (r.captions[0] if r.captions else "") for r in refs]
@@ -139,7 +143,7 @@ def image_embeddings(cfg, ctx: RunContext, clip, refs, units: list[str], engine,
     per_unit = Counter(r.tar.stem for r in refs)
     starts = np.cumsum([0] + [per_unit[u] for u in units])
     clip.model.eval()
-    shares = RunContext(ctx.root, engine.rank, engine.world_size, ctx.seed, ctx.force)
+    shares = dataclasses.replace(ctx, rank=engine.rank, world_size=engine.world_size)
     for split in (True, False):  # own share, then (after everyone finished theirs) whatever is left
         unit_plan = plan_units("embed", folder, units, settings, shares, split_by_rank=split)
         for unit in unit_plan.mine:
@@ -147,7 +151,7 @@ def image_embeddings(cfg, ctx: RunContext, clip, refs, units: list[str], engine,
             vectors = _embed(clip, dataset, range(starts[i], starts[i + 1]), cfg, engine.device)
             with atomic_write(folder / f"{unit}.npy") as handle:
                 np.save(handle, vectors)
-            unit_plan.mark_done(unit, {"rows": len(vectors)})
+            unit_plan.mark_done(unit, {"rows": len(vectors)}, outputs=[folder / f"{unit}.npy"])
         engine.barrier()
     clip.model.train()
     return np.concatenate([np.load(folder / f"{u}.npy") for u in units])

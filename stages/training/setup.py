@@ -110,5 +110,7 @@ def finish_training(
     if engine.rank == 0:
         export_model(clip_model, RunLayout.final_model(out))
         write_json_atomic(RunLayout.final_architecture(out), architecture)
-        plan.mark_done(FINAL_UNIT, payload)
+        plan.mark_done(
+            FINAL_UNIT, payload, outputs=[RunLayout.final_model(out), RunLayout.final_architecture(out)]
+        )
     engine.barrier()
