@@ -70,6 +70,9 @@ class _Chunk:
         if (rows is not None and shape[0] != rows) or (dim is not None and shape[1] != dim):
             raise BankFormatError(f"{self.path}: shape {shape}, its marker says ({rows}, {dim})")
         self.offset, self._fd = offset, None
+        needed = offset + shape[0] * shape[1] * 2
+        if len(self._mm) < needed:
+            raise BankFormatError(f"{self.path}: cut off ({len(self._mm)} bytes, its header needs {needed})")
         self.array = np.frombuffer(self._mm, np.float16, shape[0] * shape[1], offset).reshape(shape)
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.naming import rank_split
+from stages.errors import ShardError
 from stages.layout import RunLayout
 
 SAMPLE_KEYS = ("rows", "images", "samples_seen", "models")  # download, caption, training, evaluate
@@ -64,11 +65,23 @@ def last_runs(root: Path, stage: str) -> list[dict[str, Any]]:
     path = runs_file(root)
     if not path.exists():
         return []
-    entries = [e for e in map(json.loads, path.read_text().splitlines()) if e["stage"] == stage]
+    entries = [e for e in _entries(path) if isinstance(e, dict) and e.get("stage") == stage]
     if not entries:
         return []
     latest = max(e["started"] for e in entries)
     return [e for e in entries if e["started"] >= latest - 60]
+
+
+def _entries(path: Path) -> list[dict[str, Any]]:
+    entries = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ShardError(
+                f"{path}: line {number} is not valid JSON (cut off by a crash?); delete that line"
+            ) from None
+    return entries
 
 
 def samples_per_second(runs: list[dict[str, Any]]) -> float | None:

@@ -156,13 +156,16 @@ class RunLayout:
         what: str,
         label: str | None = None,
         legacy_files: Callable[[str], list[Path]] | None = None,
+        unit_names: list[str] | None = None,
     ) -> CompleteStage:
         """The finished stage in `folder`; `InputNotReady` naming `what` when it is not finished,
         `DamagedOutput` (errors name it `label`, default `what`) when a unit's files differ from its
         marker (quick check) or, for markers without a record, a file of `legacy_files(unit)` is
-        missing."""
+        missing. `unit_names`: the units to check when they are not shards (a training stage's
+        `final`); the returned stage then lists no shard units."""
         success = Path(folder) / SUCCESS_FILE
-        units = list_shards(Path(folder) / DONE_DIR, ".json")
+        shards = list_shards(Path(folder) / DONE_DIR, ".json")
+        units = shards if unit_names is None else unit_names
         if not success.exists():
             raise InputNotReady(
                 f"{what} is not complete in {folder} ({len(units)} units done, "
@@ -173,7 +176,8 @@ class RunLayout:
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ShardError(f"{success}: damaged ({err}); delete it and rerun {what}") from None
         found = {u: _outputs_only(m) for u, m in read_markers(Path(folder), units).items()}
-        stage = CompleteStage(Path(folder), fingerprint, units, label or what, found, legacy_files)
+        shard_units = shards if unit_names is None else []
+        stage = CompleteStage(Path(folder), fingerprint, shard_units, label or what, found, legacy_files)
         problems = _unit_problems(stage, found, full=False)
         if problems:
             raise DamagedOutput(stage.label, problems)
@@ -185,7 +189,13 @@ class RunLayout:
         )
 
     def finetuned(self, name: str) -> CompleteStage:
-        return self.require_complete(self.finetune(name), f"finetune {name!r}")
+        return self.trained(self.finetune(name), f"finetune {name!r}")
+
+    def trained(self, folder: Path, what: str) -> CompleteStage:
+        """A finished training stage whose exported model (`final/model.pt`, `model.json`) is what its
+        marker recorded."""
+        files = lambda _unit: [self.final_model(folder), self.final_architecture(folder)]  # noqa: E731
+        return self.require_complete(folder, what, legacy_files=files, unit_names=[FINAL_UNIT])
 
     def captioned(self, caption_set: str) -> CompleteStage:
         return self.require_complete(

@@ -62,7 +62,13 @@ def read_bank(path: Path, column: str) -> list[str]:
     if not Path(path).is_file():
         raise StageConfigError(f"caption bank not found: {path}")
     if Path(path).suffix.lower() in (".txt", ".text"):
-        texts = _read_lines(Path(path))
+        try:
+            texts = _read_lines(Path(path))
+        except UnicodeDecodeError as err:
+            raise StageConfigError(
+                f"caption bank {path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                f"{err.start} of a read block); save it as UTF-8"
+            ) from None
     else:
         try:
             captions = read_table(path, columns=[column])[column]
@@ -96,7 +102,10 @@ def _read_lines(path: Path) -> list[str]:
 
 def _check_lengths(path: Path, column: str, captions) -> None:
     if not (pa.types.is_string(captions.type) or pa.types.is_large_string(captions.type)):
-        return
+        raise StageConfigError(
+            f"caption bank {path}: column {column!r} holds {captions.type}, not text; "
+            "choose the caption column with bank_col"
+        )
     too_long = pc.greater(pc.utf8_length(captions), MAX_CAPTION_CHARS)
     if pc.any(too_long).as_py():
         raise _too_long(path, f"the caption in row {pc.index(too_long, True).as_py()} of column {column!r}")
@@ -149,6 +158,19 @@ def _write_texts(section, cache_dir: Path) -> None:
     markers.write_marker(cache_dir, TEXTS_UNIT, {"rows": len(texts)})
 
 
+def _damaged(cache_dir: Path, chunk: str) -> bool:
+    """Whether a finished chunk's file no longer matches its marker (cut, deleted, rewritten): a
+    damaged cache is embedded again by its owner, with a warning naming it."""
+    marker = markers.read_marker(cache_dir, chunk)
+    try:
+        BankVectors([cache_dir / f"{chunk}.npy"], [(marker["rows"], marker.get("dim"))])
+    except BankFormatError as err:
+        log.warning("caption bank: %s; embedding chunk %s again", err, chunk)
+        markers.remove_marker(cache_dir, chunk)
+        return True
+    return False
+
+
 def embed_chunk(texts: BankTexts, clip, cache_dir: Path, chunk: str, rows: int, batch_size: int, rank: int):
     start = int(chunk) * rows
     vectors = clip.encode_texts(texts.slice(start, min(start + rows, len(texts))), batch_size)
@@ -190,7 +212,7 @@ def prepare_bank(
     for chunk in mine:
         remove_orphans(cache_dir, chunk)
         remove_orphans(cache_dir / markers.DONE_DIR, chunk)
-    todo = [c for c in mine if markers.read_marker(cache_dir, c) is None]
+    todo = [c for c in mine if markers.read_marker(cache_dir, c) is None or _damaged(cache_dir, c)]
     if todo:
         log.info(
             "caption bank: rank %d embeds %d of %d chunks (%d captions in all) into %s",

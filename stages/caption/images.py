@@ -1,8 +1,11 @@
 """Image shards -> batches for the caption stage, decoded in DataLoader workers.
 
-Each worker takes whole shards (`shards[worker::workers]`) and yields, per image, its key, the
-backend's tensor(s) and the alt text, then one end-of-shard item; a corrupt image is yielded with
-`ok=False` instead of tensors, so it is counted and gets an empty caption list.
+Each worker takes whole shards (`shards[worker::workers]`) and makes batches of one shard each (the
+shard's images in order, `batch_size` at a time; the last batch of a shard also carries its
+end-of-shard item): an image's batch, and so its embedding down to the last bit, does not depend on
+which other shards are pending (a resumed run gives the same result). Per image a batch holds its
+key, the backend's tensor(s) and the alt text; a corrupt image comes with `ok=False` instead of
+tensors, so it is counted and gets an empty caption list.
 
 A transform is either per picture (PIL image -> tensor; the batch gets them stacked) or, when it has
 `batched = True`, called once per batch on the list of pictures (a VLM processor, which pads and tiles
@@ -36,19 +39,26 @@ def decode_image(data: bytes, decode_size: int) -> Image.Image:
 
 
 class ShardImages(IterableDataset):
-    def __init__(self, shards: list[tuple[str, Path]], transforms: list[Callable], decode_size: int) -> None:
+    def __init__(
+        self, shards: list[tuple[str, Path]], transforms: list[Callable], decode_size: int, batch_size: int
+    ) -> None:
         super().__init__()
         self.shards, self.transforms, self.decode_size = shards, transforms, decode_size
+        self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[dict]:
+        """Collated batches, never across shards."""
         worker = get_worker_info()
         mine = self.shards[worker.id :: worker.num_workers] if worker else self.shards
         for unit, path in mine:
-            count = 0
+            batch, count = [], 0
             for sample in iter_samples([path]):
                 count += 1
-                yield self._item(unit, sample)
-            yield {"unit": unit, "end": True, "count": count}
+                batch.append(self._item(unit, sample))
+                if len(batch) == self.batch_size:
+                    yield self.collate(batch)
+                    batch = []
+            yield self.collate(batch + [{"unit": unit, "end": True, "count": count}])
 
     def _item(self, unit: str, sample: dict) -> dict:
         alt = sample.get("txt", b"").decode("utf-8", "replace")
@@ -120,14 +130,18 @@ def image_batches(
     batch_size: int,
     workers: int,
 ) -> DataLoader:
-    """Batches `{"items": [...], "tensors": [...]}` in shard order per worker (see `collate`)."""
+    """Batches `{"items": [...], "tensors": [...]}` of one shard each, in shard order per worker
+    (see `collate`); the workers batch, so the loader passes them on as they are."""
     workers = min(workers, len(shards))
-    dataset = ShardImages(shards, transforms, decode_size)
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
+        ShardImages(shards, transforms, decode_size, batch_size),
+        batch_size=None,
         num_workers=workers,
-        collate_fn=dataset.collate,
+        collate_fn=_as_made,
         prefetch_factor=4 if workers else None,
         persistent_workers=False,
     )
+
+
+def _as_made(batch: dict) -> dict:
+    return batch

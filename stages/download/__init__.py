@@ -122,15 +122,26 @@ def load_url_table(cfg: DownloadConfig) -> UrlTable:
         raw = read_table(cfg.url_list, cfg.table_format, wanted)
     except TableError as err:
         raise StageConfigError(str(err)) from err
-    columns = {"url": pc.cast(raw[cfg.url_col], pa.string())}
+    columns = {"url": _text_column(raw, cfg.url_col, cfg)}
     if cfg.caption_col:
-        columns["caption"] = pc.cast(raw[cfg.caption_col], pa.string())
+        columns["caption"] = _text_column(raw, cfg.caption_col, cfg)
     if raw.num_rows == 0:
         raise StageConfigError(f"{cfg.url_list}: the URL table has no rows")
     labels = None
     if cfg.label_col:
         columns["cls"], labels = _class_indexes(raw[cfg.label_col], cfg)
     return UrlTable(pa.table(columns), labels, file_sha256(cfg.url_list))
+
+
+def _text_column(raw: pa.Table, name: str, cfg: DownloadConfig) -> pa.ChunkedArray:
+    """The column as UTF-8 strings; a list column or bytes that are not UTF-8 is an error naming it."""
+    try:
+        return pc.cast(raw[name], pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
+        first = str(err).splitlines()[0]
+        raise StageConfigError(
+            f"{cfg.url_list}: column {name!r} ({raw[name].type}) cannot be read as UTF-8 text: {first}"
+        ) from None
 
 
 def _class_indexes(column: pa.ChunkedArray, cfg: DownloadConfig) -> tuple[pa.Array, list[Any]]:

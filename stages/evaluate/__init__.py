@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from shards.atomic import remove_orphans
 from shards.captions import ALT_TEXT
 from stages.base import (
     ConfigSection,
@@ -152,9 +153,7 @@ def model_identity(root: Path, entry: ModelEntry) -> str | None:
 
     if entry.stage:
         layout = RunLayout(root)
-        return layout.require_complete(
-            layout.training_output(entry.stage), f"the {entry.stage} stage"
-        ).fingerprint
+        return layout.trained(layout.training_output(entry.stage), f"the {entry.stage} stage").fingerprint
     return checkpoint_identity(entry.checkpoint)
 
 
@@ -193,6 +192,12 @@ def check_inputs(cfg: EvaluateConfig) -> None:
         open_clip_config(cfg.model, entry.checkpoint, cfg.config_dir, f"evaluate: model {entry.name!r}")
     if cfg.zero_shot is not None and not cfg.zero_shot.class_names.is_file():
         raise StageConfigError(f"evaluate: class names file not found: {cfg.zero_shot.class_names}")
+    sources = {f"retrieval.{name}": source for name, source in cfg.retrieval.items()}
+    sources.update({f"{s}.data": getattr(cfg, s).data for s in ("knn", "zero_shot") if getattr(cfg, s)})
+    for where, source in sources.items():  # folders of pictures (a shards run root may come later)
+        if source.layout != "shards" and source.path is not None and not source.path.is_dir():
+            kind = "GPR1200 folder" if source.layout == "gpr1200" else "image folder"
+            raise StageConfigError(f"evaluate.{where}: {kind} not found: {source.path}")
 
 
 def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -207,6 +212,9 @@ def run(cfg: EvaluateConfig, ctx: RunContext) -> StageResult:
     data = scoring.Datasets(cfg, ctx.root)  # listed once: for the fingerprint, the models and the report
     plan = plan_units(NAME, folder, [m.name for m in cfg.models], settings_of(cfg, ctx.root, data), ctx)
     if plan.mine:
+        for name in plan.mine:  # temporary files a killed run left for this rank's models
+            remove_orphans(folder / "metrics", name)
+            remove_orphans(folder / "embeddings" / name)
         for entry in (m for m in cfg.models if m.name in plan.mine):
             identity = plan.settings["model_identities"][entry.name]
             metrics = scoring.evaluate_model(cfg, ctx.root, entry, identity, data, folder)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from shards.atomic import atomic_write
+from shards.atomic import atomic_write, remove_orphans
 from shards.captions import ALT_TEXT
 from stages.base import RunContext, UnitPlan, plan_units
 from stages.errors import StageConfigError
@@ -146,6 +146,8 @@ def image_embeddings(cfg, ctx: RunContext, clip, refs, units: list[str], engine,
     shares = dataclasses.replace(ctx, rank=engine.rank, world_size=engine.world_size)
     for split in (True, False):  # own share, then (after everyone finished theirs) whatever is left
         unit_plan = plan_units("embed", folder, units, settings, shares, split_by_rank=split)
+        for unit in unit_plan.mine if split else ():  # a killed run's temporary files of this rank's units
+            remove_orphans(folder, unit)
         for unit in unit_plan.mine:
             i = units.index(unit)
             vectors = _embed(clip, dataset, range(starts[i], starts[i + 1]), cfg, engine.device)

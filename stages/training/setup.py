@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from shards.atomic import write_json_atomic
+from shards.atomic import remove_orphans, write_json_atomic
 from shards.identity import file_sha256
 from stages.base import RunContext, StageResult, UnitPlan, finish_stage, plan_units, sum_counts
 from stages.errors import StageConfigError
@@ -98,6 +98,8 @@ def run_training_stage(
     """A training stage is one unit that every rank works on together: `train(plan)` when not done."""
     plan = plan_units(name, folder, [FINAL_UNIT], settings, ctx, split_by_rank=False)
     if plan.mine:
+        if ctx.is_main:  # temporary files a killed run left beside the exported model
+            remove_orphans(folder / FINAL_UNIT)
         train(plan)
     return finish_stage(name, plan, len(plan.mine), sum_counts)
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -143,41 +140,6 @@ def _slow_table(folder: Path, server, rows: int = 40) -> None:
         [server.url(f"/slow/{i}.jpg") for i in range(rows)],
         labels=[i % 4 for i in range(rows)],
     )
-
-
-def test_kill_mid_run_then_resume_equals_uninterrupted(tmp_path, image_server):
-    _slow_table(tmp_path, image_server)
-    settings = {"label_col": "label", "threads": 2}
-    straight = write_manifest(tmp_path, settings, root="straight", name="straight.yaml")
-    assert run_cli("run", str(straight), cwd=tmp_path).returncode == 0
-
-    killed = write_manifest(tmp_path, settings, root="killed", name="killed.yaml")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(killed)],
-        cwd=tmp_path,
-        env=cli_env(),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not _done(tmp_path / "killed") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    done_at_kill = _done(tmp_path / "killed")
-    assert 1 <= len(done_at_kill) < 8, "the kill should land mid-run"
-    _assert_done_tars_are_complete(tmp_path / "killed")
-
-    result = run_cli("run", str(killed), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    for unit, marker in done_at_kill.items():  # finished shards were not redone
-        assert _done(tmp_path / "killed")[unit]["finished_at"] == marker["finished_at"]
-    assert _key_hashes(tmp_path / "killed") == _key_hashes(tmp_path / "straight")
-    assert len(_key_hashes(tmp_path / "straight")) == 40
-    _assert_done_tars_are_complete(tmp_path / "killed")
-    leftovers = [p for p in (tmp_path / "killed").rglob("*") if p.name.endswith(".tmp") or "rank-" in p.name]
-    assert leftovers == []
 
 
 def test_retry_failed_downloads_only_failed_rows_into_new_shards(tmp_path, image_server):
