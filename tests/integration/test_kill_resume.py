@@ -287,6 +287,11 @@ def straight(tmp_path_factory, server, tiny_models) -> Straight:
     return Straight(folder, manifest, timings)
 
 
+def _nothing_left(straight: Straight, stage: str) -> bool:
+    timing = straight.timings[stage]
+    return _done_count(stage, _units(straight.root, stage), set(timing.units)) >= len(timing.units)
+
+
 def _kill(straight: Straight, stage: str, attempt: int, log: Path) -> str:
     """Start the stage and SIGKILL its group at the seeded moment; what happened, for the messages."""
     rng = random.Random(f"{stage}-{attempt}")
@@ -345,6 +350,10 @@ def test_killed_three_times_then_rerun_equals_uninterrupted(straight, stage):
     began, log = time.monotonic(), straight.folder / f"killed-{stage}.log"
     kills, kept = [], {}  # markers left by the kills: path -> mtime
     for attempt in range(KILLS):
+        if _nothing_left(straight, stage):  # units can land together (download): the last kill came
+            straight.restore_before(stage)  # after them, so the next kills start the stage afresh
+            kills.append("(the stage had finished its units: restarted from before the stage)")
+            kept = {}
         kills.append(_kill(straight, stage, attempt, log))
         for path, mtime in _markers(straight.root, stage).items():
             kept.setdefault(path, mtime)
@@ -353,7 +362,9 @@ def test_killed_three_times_then_rerun_equals_uninterrupted(straight, stage):
     where = f"stage {stage}, kills seeded {stage}-0..{KILLS - 1}: " + "; ".join(kills)
     print(f"\n{stage}: {time.monotonic() - began:.1f} s for {KILLS} kills and the rerun; {where}")
     assert code == 0, f"{where}\n{final.tail()}"
-    assert all(": killed," in k for k in kills), f"a kill came after the stage ended: {where}"
+    assert all(": killed," in k for k in kills if k.startswith("#")), (
+        f"a kill came after the stage ended: {where}"
+    )
     now = _markers(straight.root, stage)
     redone = sorted(path for path, mtime in kept.items() if now.get(path) != mtime)
     assert not redone, f"{where}\nunits done before a kill were done again: {redone}"
