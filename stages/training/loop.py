@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
-from shards.atomic import write_json_atomic, write_text_atomic
+from shards.atomic import fsync_dir, write_json_atomic, write_text_atomic
 from stages.errors import ShardError, StageConfigError
 from stages.training.engine import min_over_ranks
 
@@ -284,7 +284,7 @@ def save_checkpoint(engine, plan: LoopPlan, step: int) -> None:
         if folder.exists():  # one of an earlier attempt that could not be loaded
             shutil.rmtree(folder)
         os.rename(partial, folder)
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
         epoch, position = divmod(step, plan.steps_per_epoch)
         write_json_atomic(
             folder / "meta.json",
@@ -300,14 +300,6 @@ def save_checkpoint(engine, plan: LoopPlan, step: int) -> None:
         )
         _prune_checkpoints(plan.out, step, plan.keep_checkpoints)
     engine.barrier()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _prune_checkpoints(out: Path, step: int, keep: int) -> None:
