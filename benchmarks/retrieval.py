@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="smaller banks and 1000 images (smoke run)")
     parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--banks", default=None, help="only these banks, e.g. 1000000x768,10000000x64")
     parser.add_argument("--work", type=Path, default=None, help="folder for the banks (default: a temp dir)")
     parser.add_argument("--memory-mib", type=int, default=2048)
     parser.add_argument("--nprobe", type=int, default=32)
@@ -222,6 +223,8 @@ def main() -> None:
     sizes = [(20_000, 768), (100_000, 768), (1_000_000, 64)] if args.quick else None
     sizes = sizes or [(100_000, 768), (1_000_000, 768), (10_000_000, 64)]
     baseline_size = sizes[1]
+    if args.banks:
+        sizes = [tuple(int(x) for x in bank.split("x")) for bank in args.banks.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-retrieval-"))
     cores = os.cpu_count()
     load = os.getloadavg()[0]
