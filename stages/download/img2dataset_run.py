@@ -161,18 +161,23 @@ class _Finalizer(threading.Thread):
         self.join()
         if self._error is not None:
             raise self._error
-        self._sweep()
+        self._sweep(final=True)
 
-    def _sweep(self) -> None:
+    def _sweep(self, final: bool = False) -> None:
         for j in sorted(self.pending):
-            if (self.staging_out / f"{shard_name(j)}_stats.json").exists():
-                self.pending.discard(j)
-                self._finalize(j)
+            path = self.staging_out / f"{shard_name(j)}_stats.json"
+            if not path.exists():
+                continue
+            stats = _read_stats(path)
+            if stats is None and not final:  # img2dataset is still writing it (not atomically)
+                continue
+            self.pending.discard(j)
+            self._finalize(j, stats)
 
-    def _finalize(self, j: int) -> None:
+    def _finalize(self, j: int, stats: dict[str, Any] | None) -> None:
         unit, _ = self.group[j]
         try:
-            payload = self._move_into_place(j, unit)
+            payload = self._move_into_place(j, unit, stats)
         except (ShardCheckError, TruncatedTarError) as err:
             self.failures.append(str(err))
             return
@@ -180,9 +185,12 @@ class _Finalizer(threading.Thread):
         self.images_ok += payload["counts"]["ok"]
         self.progress.update(1)
 
-    def _move_into_place(self, j: int, unit: str) -> dict[str, Any]:
+    def _move_into_place(self, j: int, unit: str, stats: dict[str, Any] | None) -> dict[str, Any]:
         name = shard_name(j)
-        stats = json.loads((self.staging_out / f"{name}_stats.json").read_text())
+        if stats is None:
+            raise ShardCheckError(
+                f"shard {unit}: img2dataset's {self.staging_out / name}_stats.json is not JSON"
+            )
         samples = read_tar_samples(self.staging_out / f"{name}.tar")
         if sum(1 for s in samples.values() if "jpg" in s) != stats["successes"]:
             raise ShardCheckError(
@@ -266,3 +274,11 @@ def failure_reason(message: str, width: int = 60) -> str:
             return reason
     message = " ".join(message.split())
     return message if len(message) <= width else message[: width - 3] + "..."
+
+
+def _read_stats(path: Path) -> dict[str, Any] | None:
+    """img2dataset's stats of a finished shard, or None while the file is still being written."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None
