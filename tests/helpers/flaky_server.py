@@ -23,19 +23,16 @@ import numpy as np
 from examples.image_server import generated_jpeg
 
 
-class FlakyProxy:
-    def __init__(
-        self, upstream: str, fail_first: bool = False, fail: tuple[str, ...] = (), hang: tuple[str, ...] = ()
-    ) -> None:
-        self.upstream, self.fail_first, self.fail, self.hang = upstream.rstrip("/"), fail_first, fail, hang
-        self.seen: set[bytes] = set()
-        self.answered_500 = self.hung = self.forwarded = 0
-        self.lock, self.stopping = threading.Lock(), threading.Event()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+class _ServedOnLocalhost:
+    """A ThreadingHTTPServer on a free 127.0.0.1 port, served from a daemon thread while in `with`."""
 
-    def __enter__(self) -> "FlakyProxy":
+    def _serve(self, handler) -> None:
+        self.lock, self.stopping = threading.Lock(), threading.Event()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+
+    def __enter__(self):
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
@@ -43,6 +40,17 @@ class FlakyProxy:
         self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+class FlakyProxy(_ServedOnLocalhost):
+    def __init__(
+        self, upstream: str, fail_first: bool = False, fail: tuple[str, ...] = (), hang: tuple[str, ...] = ()
+    ) -> None:
+        self.upstream, self.fail_first, self.fail, self.hang = upstream.rstrip("/"), fail_first, fail, hang
+        self.seen: set[bytes] = set()
+        self.answered_500 = self.hung = self.forwarded = 0
+        self._serve(self._handler())
+        self.url = f"http://127.0.0.1:{self.port}"
 
     def _decide(self, body: bytes) -> str:
         text = body.decode("utf-8", "replace")
@@ -130,7 +138,7 @@ def grey16_png(pixels: np.ndarray) -> bytes:
     return _png(width, height, 16, 0, rows)
 
 
-class HostileImageServer:
+class HostileImageServer(_ServedOnLocalhost):
     """`with HostileImageServer() as server: server.url("/empty.jpg")`
 
     Paths: `/img/<n>.jpg` a good picture; `/empty.jpg` status 200 with an empty body;
@@ -147,22 +155,10 @@ class HostileImageServer:
         # made before serving: made on the first request, they would count against a client's deadline
         self.big_png, self.grey16_png = one_colour_png(big_side), grey16_png(grey16_gradient())
         self.trickles: list[tuple[str, float | None]] = []
-        self.lock, self.stopping = threading.Lock(), threading.Event()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
+        self._serve(self._handler())
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
-
-    def __enter__(self) -> "HostileImageServer":
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopping.set()
-        self.server.shutdown()
-        self.server.server_close()
 
     def _handler(self):
         hostile = self
