@@ -7,7 +7,8 @@ Used by the demo and the tests, so img2dataset really downloads over HTTP withou
 Paths: `/img/<n>.jpg` a deterministic picture for n; `/missing.jpg` 404; `/page.html` an HTML body
 with status 200; `/truncated.jpg` a JPEG cut off after its header; `/huge.png` a valid PNG header
 declaring 100000 x 100000 pixels (a decompression bomb); `/flaky/<n>.jpg` 503 on the first
-request for that path, the picture after; `/slow/<n>.jpg` the picture after 0.3 s.
+request for that path, the picture after; `/slow/<n>.jpg` the picture after 0.3 s; `/wide/<n>.jpg`
+a 192 x 48 picture (aspect ratio 4, for img2dataset's `max_aspect_ratio` filter).
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def generated_jpeg(n: int, size: int = 96) -> bytes:
     return out.getvalue()
 
 
+@lru_cache(maxsize=64)
+def wide_jpeg(n: int) -> bytes:
+    """A 192 x 48 picture: four times as wide as high."""
+    image = Image.new("RGB", (192, 48), PALETTE[n % len(PALETTE)])
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
 def bomb_png(side: int = 100_000) -> bytes:
     """A PNG whose header declares side x side pixels, with almost no data behind it."""
 
@@ -66,7 +76,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         path = self.path.split("?")[0]
-        for prefix in ("/img/", "/flaky/", "/slow/"):
+        for prefix in ("/img/", "/flaky/", "/slow/", "/wide/"):
             n = _picture_number(path, prefix)
             if n is not None:
                 return self._picture(prefix, path, n)
@@ -84,7 +94,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(503, "text/plain", b"try again")
         if prefix == "/slow/":
             time.sleep(self.slow_s)
-        self._send(200, "image/jpeg", generated_jpeg(n))
+        self._send(200, "image/jpeg", wide_jpeg(n) if prefix == "/wide/" else generated_jpeg(n))
 
     def _send(self, code: int, kind: str, body: bytes) -> None:
         self.send_response(code)

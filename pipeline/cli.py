@@ -106,7 +106,7 @@ def _named(text: str, args) -> str:
 
 
 def _validate(args, manifest, ctx) -> int:
-    check_inputs(manifest)
+    check_inputs(manifest, deep=True)
     print(f"{args.manifest}: ok (stages: {', '.join(manifest.configured_stages()) or 'none'})")
     return 0
 

@@ -3,7 +3,8 @@
 plan) reads this table.
 
 A stage module offers `run(cfg, ctx, **options) -> StageResult`, `describe(cfg, root, seed) ->
-(folder, units, settings)`, `check_inputs(cfg)` and `merge_counts(markers)` (stages/base.py has the
+(folder, units, settings)`, `check_inputs(cfg)` (and optionally `deep_check_inputs(cfg)`, which
+`validate` adds: checks that read whole inputs) and `merge_counts(markers)` (stages/base.py has the
 unit bookkeeping they share). `kind` says how a job runs it: "data" stages split their units over
 independent tasks; "training" stages are one unit that every process of a torchrun works on.
 """

@@ -23,7 +23,7 @@ from shards.atomic import write_text_atomic
 from shards.locks import FileLock, LockHeld
 from stages.base import DamagedOutput, RunContext, StageResult, damaged_units, fingerprint_of, read_markers
 from stages.errors import InputNotReady, StageError
-from stages.layout import RunLayout
+from stages.layout import RunLayout, fingerprints_only
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,14 @@ def select_stages(manifest: Manifest, only: str | None = None, start: str | None
     return configured
 
 
-def check_inputs(manifest: Manifest) -> None:
+def check_inputs(manifest: Manifest, deep: bool = False) -> None:
+    """Each stage's quick input check (headers, paths); `deep` (what `validate` asks for) adds the
+    checks that read whole inputs, for the stages that have them (`deep_check_inputs`)."""
     for name in manifest.configured_stages():
-        stage_module(name).check_inputs(manifest.stage_config(name))
+        module = stage_module(name)
+        module.check_inputs(manifest.stage_config(name))
+        if deep and hasattr(module, "deep_check_inputs"):
+            module.deep_check_inputs(manifest.stage_config(name))
 
 
 def run_stages(
@@ -57,7 +62,7 @@ def run_stages(
     for name in names:
         if on_stage:
             on_stage(name)
-        _log_start(manifest, name)
+        _log_start(manifest, name, ctx)
         started = time.time()
         with _one_process_per_rank(ctx, name):
             result = stage_module(name).run(manifest.stage_config(name), ctx, **(options or {}).get(name, {}))
@@ -95,8 +100,12 @@ def _one_process_per_rank(ctx: RunContext, name: str):
 FAILURE_KEYS = ("failed", "corrupt_images")  # download's failed rows, caption's undecodable images
 
 
-def _log_start(manifest: Manifest, name: str) -> None:
-    """One line: the stage's units, pending and done (as `plan` counts them)."""
+def _log_start(manifest: Manifest, name: str, ctx: RunContext) -> None:
+    """One line: the stage's units, pending and done (as `plan` counts them). A rank of many says
+    only that it starts: counting every unit is the whole-stage view no rank should pay for."""
+    if ctx.world_size > 1:
+        log.info("stage %s: start (rank %d of %d)", name, ctx.rank, ctx.world_size)
+        return
     try:
         status = stage_status(manifest, name)
     except StageError as err:  # the stage itself reports it when it runs
@@ -131,7 +140,9 @@ def _write_resolved_manifest(manifest: Manifest, root: Path) -> None:
     fingerprints = {}
     for name in manifest.configured_stages():
         try:
-            _, _, settings = stage_module(name).describe(manifest.stage_config(name), root, manifest.run.seed)
+            with fingerprints_only():  # rank 0 checks no other rank's units
+                config = manifest.stage_config(name)
+                _, _, settings = stage_module(name).describe(config, root, manifest.run.seed)
         except StageError:  # not ready yet, or unusable: that stage reports it when it runs
             continue
         fingerprints[name] = fingerprint_of(settings)
@@ -166,7 +177,7 @@ def stage_status(manifest: Manifest, name: str) -> StageStatus:
     except (InputNotReady, DamagedOutput) as err:
         return StageStatus(stage=name, units_total=0, units_done=0, units_stale=0, waiting_for=str(err))
     fingerprint = fingerprint_of(settings)
-    found = read_markers(folder, units)
+    found = read_markers(folder, units, manifest.run.root)
     current = {u: m for u, m in found.items() if m.get("fingerprint") == fingerprint}
     damaged = damaged_units(folder, current)
     done = {u: m for u, m in current.items() if u not in damaged}

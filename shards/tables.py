@@ -51,7 +51,7 @@ def check_columns(path: Path, fmt: str | None = None, columns: list[str] | None 
     try:
         names = table_columns(path, fmt)
     except (pa.ArrowException, OSError) as err:
-        raise TableError(f"{path}: not a readable {fmt} table ({_first_line(err)})") from err
+        raise TableError(f"{path}: not a readable {fmt} table ({first_line(err)})") from err
     missing = [c for c in columns or [] if c not in names]
     if missing:
         raise TableError(f"{path}: no column {missing[0]!r} (columns: {', '.join(names)})")
@@ -64,7 +64,7 @@ def read_table(path: Path, fmt: str | None = None, columns: list[str] | None = N
     try:
         return _read_any(path, fmt, columns)
     except (pa.ArrowException, OSError) as err:
-        raise TableError(f"{path}: not a readable {fmt} table ({_first_line(err)})") from err
+        raise TableError(f"{path}: not a readable {fmt} table ({first_line(err)})") from err
 
 
 def table_columns(path: Path, fmt: str) -> list[str]:
@@ -75,10 +75,10 @@ def table_columns(path: Path, fmt: str) -> list[str]:
         delimiter = "," if fmt == "csv" else "\t"
         reader = pa_csv.open_csv(path, parse_options=pa_csv.ParseOptions(delimiter=delimiter))
         return reader.schema.names
-    return pa_json.read_json(path).schema.names
+    return pa_json.open_json(path).schema.names  # the first block only, not the whole file
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 

@@ -5,6 +5,11 @@ A done unit's marker records its files (`mark_done(..., outputs=[...])`, shards/
 whose files no longer match is damaged: not done, and a `DamagedOutput` error unless the run was
 started with `--repair` (`ctx.repair`), which removes its marker so the unit is redone.
 
+A rank reads and checks the markers and files of its own share of the units only. The whole-stage
+check that writes `_SUCCESS.json` runs once: a rank whose share is done leaves `_done/_ranks/<world
+size>-<rank>.json`, and the rank that finds every rank's file there reads all markers (through the
+summary of shards/marker_summary.py) and writes `_SUCCESS.json` if every unit is done.
+
 Stages import this; `pipeline` builds the `RunContext` from the environment and calls the stages.
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +26,8 @@ from typing import Annotated, Any, ClassVar, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, WrapValidator
 
-from shards import markers, verify
+from shards import marker_summary, markers, verify
+from shards.atomic import write_json_atomic
 from shards.naming import rank_split
 from stages.errors import ShardError, StageConfigError
 
@@ -110,12 +117,24 @@ class UnitPlan:
     fingerprint: str
     settings: dict[str, Any]
     units: list[str]
-    done: dict[str, dict[str, Any]]
-    mine: list[str]
+    done: dict[str, dict[str, Any]]  # the done units of this rank's share
+    mine: list[str]  # this rank's pending units
+    share: list[str] = field(default_factory=list)  # this rank's units, done or not
+    rank: int = 0
+    world_size: int = 1
+    split_by_rank: bool = True
+    root: Path | None = None  # the run root (where the stage's marker summary lives)
+
+    @property
+    def holds_every_marker(self) -> bool:
+        """`done` holds every unit's marker: one process, or the rank that made the whole-stage
+        check (a rank of many that found `_SUCCESS.json` holds only its share's)."""
+        return len(self.done) == len(self.units)
 
     @property
     def pending(self) -> list[str]:
-        return [u for u in self.units if u not in self.done]
+        """This rank's share's units that are not done (all units when the share is all of them)."""
+        return [u for u in self.share if u not in self.done]
 
     def mark_done(self, unit: str, payload: dict[str, Any], outputs: Sequence[Path] = ()) -> None:
         """Write the unit's marker (last, by rename) with the fingerprint, its settings and a record
@@ -164,18 +183,32 @@ def damaged_units(
     stage_dir: Path, done: dict[str, dict[str, Any]], full: bool = False
 ) -> dict[str, list[str]]:
     """The done units (by marker) whose recorded files differ, with what differs; markers without a
-    record of their files (written before records existed) are trusted."""
+    record of their files (written before records existed) are trusted. The quick check (`full`
+    False) first stats each file; only a file whose size or mtime changed is looked into."""
     damaged = {}
-    for unit, marker in done.items():
-        problems = verify.check_outputs(stage_dir, marker.get(markers.OUTPUTS) or {}, full)
-        if problems:
-            damaged[unit] = problems
+    folder_fd = marker_summary.open_folder(stage_dir) if not full else None
+    try:
+        for unit, marker in done.items():
+            if not full and not marker_summary.outputs_changed(stage_dir, marker, folder_fd):
+                continue
+            problems = verify.check_outputs(stage_dir, marker.get(markers.OUTPUTS) or {}, full)
+            if problems:
+                damaged[unit] = problems
+    finally:
+        if folder_fd is not None:
+            os.close(folder_fd)
     return damaged
 
 
-def read_markers(stage_dir: Path, units: list[str]) -> dict[str, dict[str, Any]]:
-    """The markers that exist among `units`; a damaged one is a `ShardError` naming its file."""
+def read_markers(stage_dir: Path, units: list[str], root: Path | None = None) -> dict[str, dict[str, Any]]:
+    """The markers that exist among `units`; a damaged one is a `ShardError` naming its file.
+    With the run `root` (for a stage's whole view, many units): through the stage's marker summary
+    under `<root>/logs/summaries/`, the markers without their settings."""
     try:
+        if root is not None:
+            return marker_summary.read_all_markers(
+                stage_dir, units, marker_summary.summary_file(root, stage_dir)
+            )
         return markers.read_markers(stage_dir, units)
     except markers.MarkerError as err:
         raise ShardError(str(err)) from None
@@ -204,50 +237,86 @@ def plan_units(
     unit that every rank works on) pass `split_by_rank=False`.
     """
     fingerprint = fingerprint_of(settings)
-    done = read_markers(stage_dir, units)
+    share = rank_split(units, ctx.rank, ctx.world_size) if split_by_rank else list(units)
+    done = read_markers(stage_dir, share, ctx.root if ctx.world_size == 1 and len(share) > 1 else None)
     stale = {u: m for u, m in done.items() if m.get("fingerprint") != fingerprint}
     if stale and not ctx.force:
-        example = next(iter(stale.values()))
+        example = read_markers(stage_dir, [next(iter(stale))]).popitem()[1]  # with its settings
         raise StageConfigError(
             f"stage {stage}: {len(stale)} done unit(s) in {stage_dir} were made with other settings "
             f"({describe_change(example.get('settings', {}), settings)}); "
             "rerun with --force to redo them"
         )
-    share = rank_split(units, ctx.rank, ctx.world_size) if split_by_rank else list(units)
     for unit in stale:
-        if unit in share:
-            markers.remove_marker(stage_dir, unit)
+        markers.remove_marker(stage_dir, unit)
         del done[unit]
-    _repair_damaged(stage, stage_dir, done, share, ctx)
+    _repair_damaged(stage, stage_dir, done, ctx)
     mine = [u for u in share if u not in done]
-    return UnitPlan(Path(stage_dir), fingerprint, settings, list(units), done, mine)
+    plan = UnitPlan(
+        Path(stage_dir), fingerprint, settings, list(units), done, mine, share, ctx.rank, ctx.world_size
+    )
+    plan.split_by_rank, plan.root = split_by_rank, ctx.root
+    if mine and split_by_rank:  # the stage is not complete: say so before any work
+        markers.clear_success(stage_dir)
+        _rank_file(plan).unlink(missing_ok=True)
+    return plan
 
 
-def _repair_damaged(
-    stage: str, stage_dir: Path, done: dict[str, dict[str, Any]], share: list[str], ctx: RunContext
-) -> None:
-    """Drop damaged units from `done`; without `ctx.repair` they are an error. Only this rank's
-    share loses its markers: another rank's damaged units are that rank's to redo."""
+def _repair_damaged(stage: str, stage_dir: Path, done: dict[str, dict[str, Any]], ctx: RunContext) -> None:
+    """Drop damaged units (of this rank's share: `done` holds no other) from `done`; without
+    `ctx.repair` they are an error."""
     damaged = damaged_units(stage_dir, done)
     if not damaged:
         return
     if not ctx.repair:
         raise DamagedOutput(stage, damaged)
     for unit, problems in damaged.items():
-        if unit in share:
-            log.warning("%s unit %s: %s; redoing it (--repair)", stage, unit, ", ".join(problems))
-            markers.remove_marker(stage_dir, unit)
+        log.warning("%s unit %s: %s; redoing it (--repair)", stage, unit, ", ".join(problems))
+        markers.remove_marker(stage_dir, unit)
         del done[unit]
     markers.clear_success(stage_dir)
 
 
+RANKS_DIR = "_ranks"
+
+
+def _rank_file(plan: UnitPlan) -> Path:
+    return plan.stage_dir / markers.DONE_DIR / RANKS_DIR / f"{plan.world_size}-{plan.rank}.json"
+
+
 def finish_stage(stage: str, plan: UnitPlan, units_run: int, merge_counts) -> StageResult:
-    """Re-read the markers; when every unit is done (and its files match), write `_SUCCESS.json`
-    with merged counts."""
-    plan.done = read_markers(plan.stage_dir, plan.units)
-    current = {u: m for u, m in plan.done.items() if m.get("fingerprint") == plan.fingerprint}
-    for unit in damaged_units(plan.stage_dir, current):  # another rank's, left for it to repair
-        del current[unit]
+    """When every unit is done (and its files match), write `_SUCCESS.json` with merged counts.
+
+    One process that sees every unit knows from its plan (a training stage's ranks re-read its few
+    markers, written by rank 0). A rank of many leaves its `_ranks` file once its share is done; the
+    rank that then finds all of them reads every marker once and writes `_SUCCESS.json`."""
+    if plan.world_size == 1:
+        if units_run and len(plan.units) > 1:  # the summary learns the markers written now
+            read_markers(plan.stage_dir, plan.units, plan.root)
+        return _finish_whole(stage, plan, units_run, merge_counts, plan.done)
+    if not plan.split_by_rank:
+        return _finish_whole(stage, plan, units_run, merge_counts, read_markers(plan.stage_dir, plan.units))
+    own = [plan.done[u] for u in plan.share if u in plan.done]
+    if len(own) == len(plan.share):
+        payload = {"fingerprint": plan.fingerprint, "units": len(own), "counts": merge_counts(own)}
+        write_json_atomic(_rank_file(plan), payload)
+    success = _read_success(plan.stage_dir)
+    if success.get("fingerprint") == plan.fingerprint and not plan.mine:
+        return StageResult(stage, len(plan.units), len(plan.units), units_run, success.get("counts", {}))
+    ranks = _rank_files(plan)
+    if len(ranks) == plan.world_size:
+        found = read_markers(plan.stage_dir, plan.units, plan.root)
+        return _finish_whole(stage, plan, units_run, merge_counts, found)
+    done = sum(int(r.get("units", 0)) for r in ranks.values())
+    return StageResult(stage, len(plan.units), done, units_run, merge_counts(own))
+
+
+def _finish_whole(stage: str, plan: UnitPlan, units_run: int, merge_counts, found) -> StageResult:
+    current = {u: m for u, m in found.items() if m.get("fingerprint") == plan.fingerprint}
+    if plan.world_size > 1:  # other ranks' units (or a marker rank 0 wrote), not checked by this plan
+        for unit in damaged_units(plan.stage_dir, current):  # left for their rank to repair
+            del current[unit]
+    plan.done = current
     counts = merge_counts([current[u] for u in plan.units if u in current])
     result = StageResult(stage, len(plan.units), len(current), units_run, counts)
     if result.is_complete:
@@ -258,6 +327,28 @@ def finish_stage(stage: str, plan: UnitPlan, units_run: int, merge_counts) -> St
     else:
         markers.clear_success(plan.stage_dir)
     return result
+
+
+def _read_success(stage_dir: Path) -> dict[str, Any]:
+    try:
+        success = json.loads((Path(stage_dir) / markers.SUCCESS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return success if isinstance(success, dict) else {}
+
+
+def _rank_files(plan: UnitPlan) -> dict[str, dict[str, Any]]:
+    """This world size's rank files with the current fingerprint, by name."""
+    folder = plan.stage_dir / markers.DONE_DIR / RANKS_DIR
+    found = {}
+    for path in folder.glob(f"{plan.world_size}-*.json") if folder.is_dir() else []:
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(payload, dict) and payload.get("fingerprint") == plan.fingerprint:
+            found[path.name] = payload
+    return found
 
 
 def sum_counts(marker_list: list[dict[str, Any]], key: str = "counts") -> dict[str, Any]:

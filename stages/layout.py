@@ -20,14 +20,30 @@ the full check of the units it reads with `CompleteStage.verify(units)`.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from shards.markers import DONE_DIR, OUTPUTS, SUCCESS_FILE
-from shards.naming import list_shards
+from shards.naming import list_shards, rank_split
 from stages.base import DamagedOutput, damaged_units, read_markers
 from stages.errors import InputNotReady, ShardError
+
+_CHECKING: ContextVar[bool] = ContextVar("check_complete_stages", default=True)
+
+
+@contextmanager
+def fingerprints_only():
+    """Inside it, `require_complete` reads `_SUCCESS.json` and the unit names but checks no unit:
+    for what needs only fingerprints (the resolved manifest), not the files."""
+    token = _CHECKING.set(False)
+    try:
+        yield
+    finally:
+        _CHECKING.reset(token)
+
 
 FINAL_UNIT = "final"  # the one unit of a training stage, and the folder of its exported model
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # caption sets and run names: a plain folder name
@@ -49,6 +65,9 @@ class CompleteStage:
         """The full check (counts, keys, sha256) of `units` (default: all), for a reader about to
         open their files; `DamagedOutput` naming the file and what differs. Returns self."""
         chosen = self.units if units is None else units
+        unread = [u for u in chosen if u not in self.markers]  # outside the share checked at first
+        if unread:
+            self.markers.update({u: _outputs_only(m) for u, m in read_markers(self.folder, unread).items()})
         problems = _unit_problems(self, {u: self.markers[u] for u in chosen if u in self.markers}, full=True)
         if problems:
             raise DamagedOutput(self.label, problems)
@@ -157,12 +176,14 @@ class RunLayout:
         label: str | None = None,
         legacy_files: Callable[[str], list[Path]] | None = None,
         unit_names: list[str] | None = None,
+        share: tuple[int, int] | None = None,
     ) -> CompleteStage:
         """The finished stage in `folder`; `InputNotReady` naming `what` when it is not finished,
         `DamagedOutput` (errors name it `label`, default `what`) when a unit's files differ from its
         marker (quick check) or, for markers without a record, a file of `legacy_files(unit)` is
         missing. `unit_names`: the units to check when they are not shards (a training stage's
-        `final`); the returned stage then lists no shard units."""
+        `final`); the returned stage then lists no shard units. `share` (rank, world size): check
+        only that rank's units (a rank of a later stage reads no others), else all of them."""
         success = Path(folder) / SUCCESS_FILE
         shards = list_shards(Path(folder) / DONE_DIR, ".json")
         units = shards if unit_names is None else unit_names
@@ -175,7 +196,9 @@ class RunLayout:
             fingerprint = json.loads(success.read_text())["fingerprint"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ShardError(f"{success}: damaged ({err}); delete it and rerun {what}") from None
-        found = {u: _outputs_only(m) for u, m in read_markers(Path(folder), units).items()}
+        checked = [] if not _CHECKING.get() else units if share is None else rank_split(units, *share)
+        whole = self.root if share is None and len(checked) > 1 else None
+        found = {u: _outputs_only(m) for u, m in read_markers(Path(folder), checked, whole).items()}
         shard_units = shards if unit_names is None else []
         stage = CompleteStage(Path(folder), fingerprint, shard_units, label or what, found, legacy_files)
         problems = _unit_problems(stage, found, full=False)
@@ -183,9 +206,9 @@ class RunLayout:
             raise DamagedOutput(stage.label, problems)
         return stage
 
-    def downloaded(self) -> CompleteStage:
+    def downloaded(self, share: tuple[int, int] | None = None) -> CompleteStage:
         return self.require_complete(
-            self.images, "the download stage", "download", lambda u: [self.image_tar(u)]
+            self.images, "the download stage", "download", lambda u: [self.image_tar(u)], share=share
         )
 
     def finetuned(self, name: str) -> CompleteStage:

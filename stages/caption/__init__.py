@@ -209,7 +209,7 @@ def run(cfg: CaptionConfig, ctx: RunContext) -> StageResult:
     from stages.caption import work
 
     layout = RunLayout(ctx.root)
-    images = layout.downloaded()
+    images = layout.downloaded(share=(ctx.rank, ctx.world_size))  # this rank's image shards only
     settings = settings_of(cfg, images.fingerprint, ctx.seed)
     plan = plan_units(NAME, layout.captions(cfg.caption_set), images.units, settings, ctx)
     images.verify(plan.mine)  # the full check of the tars about to be read: keys, counts, hashes

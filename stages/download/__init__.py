@@ -1,14 +1,20 @@
 """Download stage: a URL table -> webdataset tar shards under `<root>/images/`, with img2dataset.
 
-Reads  the URL table named by `stages.download.url_list` (parquet, csv, tsv or jsonl).
-Writes `images/<shard>.tar` (`<key>.jpg`, `.txt`, `.json`, `.cls`), `images/<shard>.parquet`
-       (per-row status), `images/_done/<shard>.json` (marker, last), `images/labels.json`,
-       `images/_index.json` (wids shard index) and `images/_SUCCESS.json` when all shards are done.
+Reads  the URL table named by `stages.download.url_list`: a file, a folder or a glob of parquet, csv,
+       tsv or jsonl files with one global row numbering (files in sorted name order; see
+       stages/download/inputs.py for the record of their identity kept in `images/_input/`).
+Writes `images/<shard>.tar` (`<key>.jpg`, `.txt`, `.json` with the additional columns, `.cls`),
+       `images/<shard>.parquet` (per-row status), `images/_done/<shard>.json` (marker, last),
+       `images/labels.json`, `images/_index.json` (wids shard index) and `images/_SUCCESS.json` when
+       all shards are done.
 Run    `python -m stages.download MANIFEST` (same as `python -m pipeline run MANIFEST --stage download`);
        add `--retry-failed` to re-download only the rows that failed, into extra shards.
 
 Shard `i` holds rows `[i * samples_per_shard, (i + 1) * samples_per_shard)` of the table, and a
-sample's key is its row number (`000000042`), so keys never depend on which run made a shard.
+sample's key is its row number (`000000042`), so keys never depend on which run made a shard. A rank
+reads only its own shards' rows (parquet row groups; text formats are split into per-shard files once).
+Rows img2dataset filters out (`min_image_size`, `max_aspect_ratio`) are counted as `filtered` by
+reason, not as failures.
 img2dataset writes into a private staging folder; a shard reaches `images/` only once its tar
 reads back complete and matches img2dataset's own count (see stages/download/img2dataset_run.py).
 Hostile responses (decompression bombs, trickling servers, empty bodies, 16-bit pictures) are handled
@@ -22,20 +28,17 @@ import logging
 import math
 import shutil
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import pyarrow as pa
-import pyarrow.compute as pc
-from pydantic import Field, PositiveInt, field_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from shards import markers
 from shards.atomic import remove_orphans, write_json_atomic
-from shards.identity import file_sha256
 from shards.index import write_shard_index
 from shards.naming import list_shards, shard_name
-from shards.tables import TableError, check_columns, infer_format, read_parquet, read_table
+from shards.tables import TableError, check_columns, infer_format, read_parquet
+from shards.url_files import is_glob, resolve_url_files
 from stages.base import (
     ManifestPath,
     RunContext,
@@ -45,6 +48,7 @@ from stages.base import (
     plan_units,
     sum_counts,
 )
+from stages.download.inputs import UrlInput, ensure_split, open_input, wanted_columns
 from stages.errors import StageConfigError
 from stages.layout import RunLayout
 
@@ -62,7 +66,7 @@ class DownloadConfig(StageConfig):
         {"url_list", "processes", "threads", "timeout_s", "deadline_s", "retries", "max_failed_fraction"}
     )
 
-    url_list: ManifestPath
+    url_list: ManifestPath  # a file, a folder or a glob of files of one format
     input_format: Literal["parquet", "csv", "tsv", "jsonl"] | None = None
     url_col: str = "url"
     caption_col: str | None = None
@@ -71,6 +75,11 @@ class DownloadConfig(StageConfig):
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
     encode_quality: int = Field(95, ge=1, le=100)
     samples_per_shard: PositiveInt = 1000
+    # columns of the URL table kept with each sample (its .json and the status parquet), as in img2dataset
+    save_additional_columns: list[str] = []
+    # img2dataset's filters: the shorter side at least this many pixels; longer / shorter side at most
+    min_image_size: int = Field(0, ge=0)
+    max_aspect_ratio: float | None = Field(None, gt=0)
     # refused from the header, before any pixel is decoded (stages/download/guards.py); None: no limit
     max_image_area: float | None = Field(1.0e8, gt=0)
     # a shard with more failed rows than this is not accepted: the stage stops with the top reasons
@@ -84,26 +93,52 @@ class DownloadConfig(StageConfig):
     @field_validator("url_list")
     @classmethod
     def _url_list_exists(cls, path: Path) -> Path:
-        if not path.is_file():
+        if not (path.is_file() or path.is_dir() or is_glob(path)):
             raise ValueError(f"URL table not found: {path}")
         return path
 
+    @model_validator(mode="after")
+    def _additional_columns_are_free(self) -> DownloadConfig:
+        taken = {self.url_col, self.caption_col, self.label_col, *RESERVED_COLUMNS}
+        for name in self.save_additional_columns:
+            if name in taken:
+                raise ValueError(
+                    f"save_additional_columns: {name!r} is already a column of the output "
+                    f"(taken: url/caption/label columns and {', '.join(sorted(RESERVED_COLUMNS))})"
+                )
+        if len(set(self.save_additional_columns)) != len(self.save_additional_columns):
+            raise ValueError("save_additional_columns: a column is named twice")
+        return self
+
     @property
     def table_format(self) -> str:
-        return self.input_format or infer_format(self.url_list)
+        """The format of the files (`input_format`, else the first file's suffix)."""
+        if self.input_format:
+            return self.input_format
+        try:
+            return infer_format(resolve_url_files(self.url_list)[1][0])
+        except TableError as err:
+            raise StageConfigError(str(err)) from None
 
 
-@dataclass
-class UrlTable:
-    """The URL table as the stage uses it: url, caption (or None) and class index (or None)."""
-
-    table: pa.Table
-    labels: list[Any] | None
-    sha256: str
-
-    @property
-    def num_rows(self) -> int:
-        return self.table.num_rows
+# what img2dataset (or this stage) writes itself into a sample's .json and the status parquet
+RESERVED_COLUMNS = frozenset(
+    {
+        "key",
+        "url",
+        "caption",
+        "status",
+        "error_message",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "exif",
+        "sha256",
+        "cls",
+        "mcip_row",
+    }
+)
 
 
 def stage_dir(root: Path) -> Path:
@@ -115,57 +150,26 @@ def row_key(row: int) -> str:
     return f"{row:09d}"
 
 
-def load_url_table(cfg: DownloadConfig) -> UrlTable:
-    """Read and check the URL table; errors name the file and the column."""
-    wanted = [c for c in (cfg.url_col, cfg.caption_col, cfg.label_col) if c]
-    try:
-        raw = read_table(cfg.url_list, cfg.table_format, wanted)
-    except TableError as err:
-        raise StageConfigError(str(err)) from err
-    columns = {"url": _text_column(raw, cfg.url_col, cfg)}
-    if cfg.caption_col:
-        columns["caption"] = _text_column(raw, cfg.caption_col, cfg)
-    if raw.num_rows == 0:
-        raise StageConfigError(f"{cfg.url_list}: the URL table has no rows")
-    labels = None
-    if cfg.label_col:
-        columns["cls"], labels = _class_indexes(raw[cfg.label_col], cfg)
-    return UrlTable(pa.table(columns), labels, file_sha256(cfg.url_list))
+def load_url_table(cfg: DownloadConfig, root: Path, force: bool = False) -> UrlInput:
+    """The URL files with their record (row counts, labels, identity); errors name the file."""
+    return open_input(cfg, root, force)
 
 
-def _text_column(raw: pa.Table, name: str, cfg: DownloadConfig) -> pa.ChunkedArray:
-    """The column as UTF-8 strings; a list column or bytes that are not UTF-8 is an error naming it."""
-    try:
-        return pc.cast(raw[name], pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
-        first = str(err).splitlines()[0]
-        raise StageConfigError(
-            f"{cfg.url_list}: column {name!r} ({raw[name].type}) cannot be read as UTF-8 text: {first}"
-        ) from None
-
-
-def _class_indexes(column: pa.ChunkedArray, cfg: DownloadConfig) -> tuple[pa.Array, list[Any]]:
-    values = column.to_pylist()
-    missing = [i for i, v in enumerate(values) if v is None or v == "" or v != v]  # v != v: NaN
-    if missing:
-        raise StageConfigError(
-            f"{cfg.url_list}: column {cfg.label_col!r} is empty in row {missing[0]} "
-            f"({len(missing)} rows without a label)"
-        )
-    kinds = {type(v) for v in values}
-    labels = sorted(set(values)) if len(kinds) == 1 else sorted(set(values), key=str)
-    index = {label: i for i, label in enumerate(labels)}
-    return pa.array([index[v] for v in values], pa.int64()), labels
-
-
-def unit_rows(unit: str, table_rows: int, cfg: DownloadConfig, root: Path) -> list[int]:
-    """Row numbers of a unit: a contiguous slice for base shards, a saved list for retry shards."""
+def unit_rows(unit: str, table_rows: int, cfg: DownloadConfig, root: Path) -> list[int] | range:
+    """Row numbers of a unit: a contiguous range for base shards, a saved list for retry shards."""
     index = int(unit)
     base_count = math.ceil(table_rows / cfg.samples_per_shard)
     if index < base_count:
         start = index * cfg.samples_per_shard
-        return list(range(start, min(start + cfg.samples_per_shard, table_rows)))
+        return range(start, min(start + cfg.samples_per_shard, table_rows))
     return json.loads((stage_dir(root) / RETRY_DIR / f"{unit}.json").read_text())["rows"]
+
+
+def unit_table(urls: UrlInput, rows: list[int] | range):
+    """The URL rows of one unit, read from the files (only those rows)."""
+    if isinstance(rows, range):
+        return urls.read_range(rows.start, rows.stop)
+    return urls.read_rows(list(rows))
 
 
 def list_units(table_rows: int, cfg: DownloadConfig, root: Path) -> list[str]:
@@ -174,32 +178,40 @@ def list_units(table_rows: int, cfg: DownloadConfig, root: Path) -> list[str]:
     return base + [u for u in retries if int(u) >= len(base)]
 
 
-def settings_of(cfg: DownloadConfig, urls: UrlTable) -> dict[str, Any]:
+def settings_of(cfg: DownloadConfig, urls: UrlInput) -> dict[str, Any]:
     return {**cfg.fingerprint_settings(), "url_list_sha256": urls.sha256, "format_version": FORMAT_VERSION}
 
 
 def describe(cfg: DownloadConfig, root: Path, seed: int = 0) -> tuple[Path, list[str], dict[str, Any]]:
     """(stage folder, all units, fingerprinted settings): what `plan` and `status` need."""
-    urls = load_url_table(cfg)
+    urls = load_url_table(cfg, root)
     return stage_dir(root), list_units(urls.num_rows, cfg, root), settings_of(cfg, urls)
 
 
 def check_inputs(cfg: DownloadConfig) -> None:
-    """Raise StageConfigError if the URL table does not open or lacks a column; reads only its
-    header (the full read, with label checks, happens once when the stage runs)."""
+    """Raise StageConfigError if a URL file does not open or lacks a column; reads only the files'
+    headers (their rows are read once, when the run records them)."""
     try:
-        check_columns(
-            cfg.url_list, cfg.table_format, [c for c in (cfg.url_col, cfg.caption_col, cfg.label_col) if c]
-        )
+        _, paths = resolve_url_files(cfg.url_list, cfg.input_format)
+        for path in paths:
+            check_columns(path, cfg.table_format, wanted_columns(cfg))
     except TableError as err:
         raise StageConfigError(str(err)) from err
+
+
+def deep_check_inputs(cfg: DownloadConfig) -> None:
+    """What `validate` adds: every row of the text columns parses as UTF-8 text (as `run` needs),
+    read in batches; parquet string columns are UTF-8 by their type and are not read."""
+    from stages.download.inputs import deep_check
+
+    deep_check(cfg)
 
 
 def run(cfg: DownloadConfig, ctx: RunContext, retry_failed: bool = False) -> StageResult:
     """Download this rank's pending shards; with `retry_failed`, first plan retry shards."""
     from stages.download import img2dataset_run
 
-    urls = load_url_table(cfg)
+    urls = load_url_table(cfg, ctx.root, ctx.force)
     out = stage_dir(ctx.root)
     settings = settings_of(cfg, urls)
     plan = plan_units(NAME, out, list_units(urls.num_rows, cfg, ctx.root), settings, ctx)
@@ -207,12 +219,14 @@ def run(cfg: DownloadConfig, ctx: RunContext, retry_failed: bool = False) -> Sta
         if _plan_retry_round(cfg, ctx, plan.units, urls.num_rows, bool(plan.pending)):
             plan = plan_units(NAME, out, list_units(urls.num_rows, cfg, ctx.root), settings, ctx)
     _remove_leftovers(out, plan.mine, ctx)
-    if urls.labels is not None:
+    if urls.labels is not None and ctx.is_main:
         write_json_atomic(RunLayout(ctx.root).labels_file, {"column": cfg.label_col, "labels": urls.labels})
     jobs = [(unit, unit_rows(unit, urls.num_rows, cfg, ctx.root)) for unit in plan.mine]
-    stats = img2dataset_run.download_units(cfg, urls.table, jobs, plan, out, ctx) if jobs else None
+    if jobs:
+        ensure_split(urls)
+    stats = img2dataset_run.download_units(cfg, urls, jobs, plan, out, ctx) if jobs else None
     result = finish_stage(NAME, plan, len(jobs), merge_counts)
-    if result.is_complete:
+    if result.is_complete and plan.holds_every_marker:  # the rank that checked them all
         _write_index(out, plan.units, plan.done)
     _log_summary(result, stats)
     return result
@@ -259,12 +273,18 @@ def _plan_retry_round(
 
 
 def _rows_still_failing(out: Path, units: list[str]) -> list[int]:
+    """Rows that failed in every shard that holds them; rows img2dataset filtered out are not retried."""
+    from stages.download.img2dataset_run import is_filtered
+
     failed: set[int] = set()
     succeeded: set[int] = set()
     for unit in units:
-        table = read_parquet(out / f"{unit}.parquet", columns=["key", "status"]).to_pydict()
-        for key, status in zip(table["key"], table["status"]):
-            (succeeded if status == "success" else failed).add(int(key))
+        table = read_parquet(out / f"{unit}.parquet", columns=["key", "status", "error_message"]).to_pydict()
+        for key, status, message in zip(table["key"], table["status"], table["error_message"]):
+            if status == "success":
+                succeeded.add(int(key))
+            elif not is_filtered(message or ""):
+                failed.add(int(key))
     return sorted(failed - succeeded)
 
 

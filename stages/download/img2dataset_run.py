@@ -12,6 +12,7 @@ img2dataset runs with the guards of stages/download/guards.py (header size check
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -27,10 +28,11 @@ from shards.naming import shard_name
 from shards.tables import read_parquet, write_parquet_atomic
 from shards.tars import TruncatedTarError, read_tar_samples, write_tar_atomic
 from stages.base import RunContext, UnitPlan
+from stages.download.inputs import ROW_COLUMN
 from stages.errors import ShardError
 
-ROW_COLUMN = "mcip_row"
 POLL_S = 0.2
+log = logging.getLogger(__name__)
 
 
 class ShardCheckError(ShardError):
@@ -38,18 +40,23 @@ class ShardCheckError(ShardError):
 
 
 def download_units(
-    cfg, table: pa.Table, jobs: list[tuple[str, list[int]]], plan: UnitPlan, out: Path, ctx: RunContext
+    cfg, urls, jobs: list[tuple[str, list[int] | range]], plan: UnitPlan, out: Path, ctx: RunContext
 ) -> dict[str, Any]:
-    """Download `jobs` ((unit, rows) pairs) and mark each finished unit done; return run stats."""
+    """Download `jobs` ((unit, rows) pairs) of the URL input `urls` (stages/download/inputs.py) and
+    mark each finished unit done; return run stats."""
     from stages.download import row_key
 
     staging = out / "_staging" / f"rank-{ctx.rank:05d}"
     progress = tqdm(total=len(jobs), unit="shard", desc="download", disable=not ctx.is_main)
     started, images_ok, failures = time.monotonic(), 0, []
+    log.info("download: %d shard(s) to download on rank %d", len(jobs), ctx.rank)
     for call_index, group in enumerate(_aligned_groups(jobs, cfg.samples_per_shard)):
         folder = staging / f"call-{call_index:04d}"
-        input_path = _write_input(table, group, folder)
-        finalizer = _Finalizer(cfg, table, group, folder / "out", out, plan, row_key, progress, ctx.rank)
+        table = _group_table(urls, group)
+        input_path = _write_input(table, folder)
+        finalizer = _Finalizer(
+            cfg, table, urls.num_rows, group, folder / "out", out, plan, row_key, progress, ctx.rank
+        )
         finalizer.start()
         try:
             _call_img2dataset(cfg, input_path, folder / "out", "caption" in table.column_names)
@@ -81,12 +88,17 @@ def _aligned_groups(jobs, per_shard: int):
         yield group
 
 
-def _write_input(table: pa.Table, group, folder: Path) -> Path:
-    rows = [row for _, unit_rows in group for row in unit_rows]
-    subset = table.take(pa.array(rows, pa.int64())).append_column(ROW_COLUMN, pa.array(rows, pa.int64()))
+def _group_table(urls, group) -> pa.Table:
+    """The URL rows of a group of units, in unit order (each read from the files on its own)."""
+    from stages.download import unit_table
+
+    return pa.concat_tables([unit_table(urls, rows) for _, rows in group], promote_options="permissive")
+
+
+def _write_input(table: pa.Table, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "input.parquet"
-    write_parquet_atomic(subset.drop_columns([c for c in ("cls",) if c in subset.column_names]), path)
+    write_parquet_atomic(table.drop_columns([c for c in ("cls",) if c in table.column_names]), path)
     return path
 
 
@@ -103,7 +115,9 @@ def _call_img2dataset(cfg, input_path: Path, output: Path, has_caption: bool) ->
             input_format="parquet",
             url_col="url",
             caption_col="caption" if has_caption else None,
-            save_additional_columns=[ROW_COLUMN],
+            save_additional_columns=[ROW_COLUMN, *cfg.save_additional_columns],
+            min_image_size=cfg.min_image_size,
+            max_aspect_ratio=cfg.max_aspect_ratio or float("inf"),
             output_folder=str(output),
             output_format="webdataset",
             oom_shard_count=6,
@@ -137,10 +151,25 @@ class _Finalizer(threading.Thread):
     """Watches a staging folder and moves each shard img2dataset finishes into place."""
 
     def __init__(
-        self, cfg, table, group, staging_out: Path, out: Path, plan: UnitPlan, row_key, progress, rank: int
+        self,
+        cfg,
+        table,
+        table_rows,
+        group,
+        staging_out: Path,
+        out: Path,
+        plan: UnitPlan,
+        row_key,
+        progress,
+        rank: int,
     ):
         super().__init__(daemon=True, name="download-finalizer")
-        self.cfg, self.table, self.group, self.staging_out = cfg, table, group, staging_out
+        self.cfg, self.group, self.staging_out, self.table_rows = cfg, group, staging_out, table_rows
+        self.cls_by_row = (
+            dict(zip(table[ROW_COLUMN].to_pylist(), table["cls"].to_pylist()))
+            if "cls" in table.column_names
+            else None
+        )
         self.out, self.plan, self.row_key, self.progress, self.rank = out, plan, row_key, progress, rank
         self.pending = set(range(len(group)))
         self.images_ok = 0
@@ -196,14 +225,8 @@ class _Finalizer(threading.Thread):
             raise ShardCheckError(
                 f"shard {unit}: tar holds {len(samples)} images, img2dataset reported {stats['successes']}"
             )
-        failed = {reason: n for reason, n in stats["status_dict"].items() if reason != "success"}
-        counts = {
-            "rows": stats["count"],
-            "ok": stats["successes"],
-            "failed": stats["count"] - stats["successes"],
-            "failed_by_reason": _by_reason(failed),
-        }
-        kind = "retry" if int(unit) * self.cfg.samples_per_shard >= self.table.num_rows else "base"
+        counts = shard_counts(stats)
+        kind = "retry" if int(unit) * self.cfg.samples_per_shard >= self.table_rows else "base"
         if kind == "base":  # a retry shard holds only rows that failed before
             _check_failed_fraction(unit, counts, self.cfg.max_failed_fraction)
         tar_info = write_tar_atomic(self.out / f"{unit}.tar", self._rekeyed(samples.values()))
@@ -218,7 +241,6 @@ class _Finalizer(threading.Thread):
         }
 
     def _rekeyed(self, samples):
-        has_cls = "cls" in self.table.column_names
         rekeyed = []
         for fields in samples:
             meta = json.loads(fields["json"])
@@ -227,8 +249,8 @@ class _Finalizer(threading.Thread):
             new = {"jpg": fields["jpg"], "json": json.dumps(meta, sort_keys=True).encode()}
             if "txt" in fields:
                 new["txt"] = fields["txt"]
-            if has_cls:
-                new["cls"] = str(self.table["cls"][row].as_py()).encode()
+            if self.cls_by_row is not None:
+                new["cls"] = str(self.cls_by_row[row]).encode()
             rekeyed.append((meta["key"], new))
         return sorted(rekeyed)
 
@@ -238,6 +260,29 @@ class _Finalizer(threading.Thread):
         status = status.set_column(status.column_names.index("key"), "key", keys)
         status = status.take(pc.sort_indices(status, [("key", "ascending")]))
         write_parquet_atomic(status.drop_columns([ROW_COLUMN]), self.out / f"{unit}.parquet")
+
+
+FILTER_MESSAGES = ("image too small", "aspect ratio too large")  # img2dataset's, for its filters
+
+
+def is_filtered(message: str) -> bool:
+    """A row img2dataset left out on purpose (`min_image_size`, `max_aspect_ratio`), not a failure."""
+    return message in FILTER_MESSAGES
+
+
+def shard_counts(stats: dict[str, Any]) -> dict[str, Any]:
+    """Rows, ok, failed and filtered (each failure and filter by reason) from img2dataset's stats."""
+    not_ok = {reason: n for reason, n in stats["status_dict"].items() if reason != "success"}
+    filtered = {reason: n for reason, n in not_ok.items() if is_filtered(reason)}
+    failed = {reason: n for reason, n in not_ok.items() if not is_filtered(reason)}
+    return {
+        "rows": stats["count"],
+        "ok": stats["successes"],
+        "failed": sum(failed.values()),
+        "failed_by_reason": _by_reason(failed),
+        "filtered": sum(filtered.values()),
+        "filtered_by_reason": _by_reason(filtered),
+    }
 
 
 def _check_failed_fraction(unit: str, counts: dict[str, Any], limit: float) -> None:

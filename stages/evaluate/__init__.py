@@ -222,7 +222,7 @@ def run(cfg: EvaluateConfig, ctx: RunContext) -> StageResult:
                 entry.name, {"metrics": metrics}, outputs=[folder / "metrics" / f"{entry.name}.json"]
             )
     result = finish_stage(NAME, plan, len(plan.mine), merge_counts)
-    if result.is_complete and ctx.is_main:
+    if result.is_complete and ctx.is_main and plan.holds_every_marker:
         table = report.write_report(cfg, data, folder, {u: plan.done[u]["metrics"] for u in plan.units})
         log.info("evaluate[%s]:\n%s\nreport: %s", cfg.name, table, folder / "report.md")
     return result

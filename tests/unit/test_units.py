@@ -84,4 +84,77 @@ def test_labels_reject_missing_and_nan_with_the_row_number(tmp_path):
     with pytest.raises(
         StageConfigError, match=r"column 'label' is empty in row 1 \(1 rows without a label\)"
     ):
-        load_url_table(cfg)
+        load_url_table(cfg, tmp_path / "run")
+
+
+def _done_stage(tmp_path, units, fingerprint_settings):
+    """A stage folder where every unit has a marker and a small recorded output file."""
+    plan = plan_units("s", tmp_path, units, fingerprint_settings, _ctx(tmp_path))
+    for unit in units:
+        (tmp_path / f"{unit}.bin").write_bytes(unit.encode())
+        plan.mark_done(unit, {"counts": {"ok": 1}}, outputs=[tmp_path / f"{unit}.bin"])
+    markers.clear_success(tmp_path)
+
+
+def test_a_rank_reads_and_checks_only_its_own_units(tmp_path, monkeypatch):
+    """Rank 3 of 64 over 640 done units reads 10 markers and stats 10 outputs, not 640."""
+    from shards import marker_summary
+
+    units = [f"{i:06d}" for i in range(640)]
+    _done_stage(tmp_path, units, {"a": 1})
+    reads, checks = [], []
+    real_read, real_changed = markers.read_marker, marker_summary.outputs_changed
+    monkeypatch.setattr(markers, "read_marker", lambda d, u: reads.append(u) or real_read(d, u))
+    monkeypatch.setattr(
+        marker_summary,
+        "outputs_changed",
+        lambda d, m, fd=None: checks.append(m["unit"]) or real_changed(d, m, fd),
+    )
+    plan = plan_units("s", tmp_path, units, {"a": 1}, _ctx(tmp_path, rank=3, world=64))
+    assert plan.mine == [] and sorted(reads) == sorted(checks) == units[3::64]
+
+
+def test_the_rank_that_finds_every_rank_done_writes_success(tmp_path):
+    """Ranks leave their files as their shares finish; the last one checks every marker once and
+    writes _SUCCESS.json; a rank with pending work removes both before it starts."""
+    for rank in (1, 0):
+        plan = plan_units("s", tmp_path, UNITS, {"a": 1}, _ctx(tmp_path, rank=rank, world=2))
+        for unit in plan.mine:
+            plan.mark_done(unit, {"counts": {"ok": 1}})
+        result = finish_stage("s", plan, len(plan.mine), sum_counts)
+        assert result.is_complete == (rank == 0) and (tmp_path / "_SUCCESS.json").exists() == (rank == 0)
+    assert json.loads((tmp_path / "_SUCCESS.json").read_text())["counts"] == {"ok": 5}
+    markers.remove_marker(tmp_path, "000003")  # rank 1's
+    again = plan_units("s", tmp_path, UNITS, {"a": 1}, _ctx(tmp_path, rank=1, world=2))
+    assert again.mine == ["000003"] and not (tmp_path / "_SUCCESS.json").exists()
+    assert not (tmp_path / "_done" / "_ranks" / "2-1.json").exists()
+    lonely = plan_units("s", tmp_path, UNITS, {"a": 1}, _ctx(tmp_path, rank=0, world=2))
+    assert not finish_stage("s", lonely, 0, sum_counts).is_complete  # rank 1's file is gone
+
+
+def test_the_marker_summary_never_says_more_than_the_markers(tmp_path, monkeypatch):
+    """Read once, the whole-stage view comes from the summary (no marker read); a marker rewritten,
+    edited in place with its mtime put back, or removed is seen at once."""
+    import os
+
+    from stages.base import read_markers
+
+    units = [f"{i:06d}" for i in range(20)]
+    _done_stage(tmp_path, units, {"a": 1})
+    read_markers(tmp_path, units, tmp_path)
+    from shards import marker_summary
+
+    marker_summary._memory.clear()  # as a new process: from the file
+    reads = []
+    real_read = markers.read_marker
+    monkeypatch.setattr(markers, "read_marker", lambda d, u: reads.append(u) or real_read(d, u))
+    monkeypatch.setattr(marker_summary, "read_marker", markers.read_marker)
+    assert len(read_markers(tmp_path, units, tmp_path)) == 20 and reads == []
+    path = markers.marker_path(tmp_path, "000004")
+    stat = path.stat()
+    path.write_text(path.read_text().replace('"ok": 1', '"ok": 7'))  # same size, in place
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    markers.remove_marker(tmp_path, "000009")
+    found = read_markers(tmp_path, units, tmp_path)
+    assert reads == ["000004"] and found["000004"]["counts"] == {"ok": 7} and "000009" not in found
+    assert "settings" not in found["000001"] and found["000001"]["fingerprint"]
