@@ -48,7 +48,8 @@ from stages.base import (
     plan_units,
     sum_counts,
 )
-from stages.download.inputs import UrlInput, ensure_split, open_input, wanted_columns
+from stages.download.input_split import ensure_split
+from stages.download.inputs import UrlInput, open_input, wanted_columns
 from stages.errors import StageConfigError
 from stages.layout import RunLayout
 

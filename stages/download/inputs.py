@@ -3,9 +3,8 @@
 Reads  the files `url_list` names (a file, a folder or a glob; shards/url_files.py) and
        `<root>/images/_input/record.json`.
 Writes `<root>/images/_input/record.json`: per file its name, size, mtime_ns, sha256 and row count,
-       and the class names of the label column; for csv/tsv/jsonl inputs also
-       `<root>/images/_input/split-<samples_per_shard>-<fingerprint>/<unit>.parquet`, each unit's rows,
-       so that a rank opens only its own rows (img2dataset splits its input the same way).
+       and the class names of the label column (csv/tsv/jsonl inputs are split into per-unit files
+       once: stages/download/input_split.py).
 
 The first process that needs the record computes it under `_input/record.lock`, hashing each file
 once; every other rank and node waits for it and then only compares each file's size and mtime with
@@ -20,7 +19,6 @@ from __future__ import annotations
 import bisect
 import hashlib
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm import tqdm
 
@@ -36,7 +35,7 @@ from shards.atomic import write_json_atomic
 from shards.identity import sha256_of
 from shards.locks import FileLock, LockHeld
 from shards.naming import list_shards, shard_name
-from shards.tables import TableError, first_line
+from shards.tables import TableError, check_columns, first_line, infer_format
 from shards.url_files import count_rows, iter_batches, read_parquet_rows, resolve_url_files
 from stages.errors import StageConfigError, StageError
 
@@ -44,7 +43,6 @@ log = logging.getLogger(__name__)
 
 ROW_COLUMN = "mcip_row"  # the global row number, carried through img2dataset
 LOCK_TIMEOUT_S = 6 * 3600.0  # hashing a few hundred GB on a slow shared file system
-SPLIT_DONE = "_SPLIT.json"
 
 
 class InputFile(BaseModel):
@@ -123,7 +121,7 @@ class UrlInput:
             if b > a:
                 raw = read_parquet_rows(self.paths[k], a, b, wanted_columns(self.cfg))
                 pieces.append(self._normalized(raw, self.paths[k], lo + a))
-        return _concat(pieces)
+        return concat_tables(pieces)
 
     def read_rows(self, rows: list[int]) -> pa.Table:
         """The given global rows (a retry shard's), read unit range by unit range, in that order."""
@@ -132,7 +130,7 @@ class UrlInput:
         for base in sorted({row // size for row in rows}):
             table = self.read_range(base * size, min((base + 1) * size, self.num_rows))
             tables.append(table)
-        whole = _concat(tables)
+        whole = concat_tables(tables)
         position = {row: i for i, row in enumerate(whole[ROW_COLUMN].to_pylist())}
         return whole.take(pa.array([position[row] for row in rows], pa.int64()))
 
@@ -140,6 +138,8 @@ class UrlInput:
         return normalize(raw, self.cfg, path, first_row, self.labels)
 
     def _read_split_range(self, start: int, stop: int) -> pa.Table:
+        from stages.download.input_split import split_folder
+
         folder = split_folder(self.root, self.cfg, self.record)
         size = self.cfg.samples_per_shard
         tables = []
@@ -150,7 +150,7 @@ class UrlInput:
                     pc.and_(pc.greater_equal(table[ROW_COLUMN], start), pc.less(table[ROW_COLUMN], stop))
                 )
             )
-        return _with_cls(_concat(tables), self.cfg, self.labels)
+        return _with_cls(concat_tables(tables), self.cfg, self.labels)
 
 
 def wanted_columns(cfg) -> list[str]:
@@ -198,7 +198,7 @@ def _text_column(raw: pa.Table, name: str, path: Path) -> pa.ChunkedArray:
         ) from None
 
 
-def _concat(tables: list[pa.Table]) -> pa.Table:
+def concat_tables(tables: list[pa.Table]) -> pa.Table:
     tables = [t for t in tables if t.num_rows] or tables[:1]
     if not tables:
         return pa.table({ROW_COLUMN: pa.array([], pa.int64())})
@@ -257,13 +257,7 @@ def _is_current(record: InputRecord | None, cfg, names: list[str], paths: list[P
 
 
 def _format(cfg, paths: list[Path]) -> str:
-    return cfg.input_format or _infer(paths[0])
-
-
-def _infer(path: Path) -> str:
-    from shards.tables import infer_format
-
-    return infer_format(path)
+    return cfg.input_format or infer_format(paths[0])
 
 
 def _updated_record(
@@ -300,8 +294,6 @@ def _updated_record(
 
 
 def _check_file_columns(path: Path, fmt: str, columns: list[str]) -> None:
-    from shards.tables import check_columns
-
     try:
         check_columns(path, fmt, columns)
     except TableError as err:
@@ -355,7 +347,7 @@ def _scan_labels(cfg, paths: list[Path], fmt: str) -> list[Any]:
     values: set[Any] = set()
     missing, first_missing, row = 0, None, 0
     for path in tqdm(paths, desc="URL files: labels", unit="file", leave=False):
-        for batch in _batches(path, fmt, [cfg.label_col]):
+        for batch in read_batches(path, fmt, [cfg.label_col]):
             for i, value in enumerate(batch[cfg.label_col].to_pylist()):
                 if value is None or value == "" or value != value:  # value != value: NaN
                     missing += 1
@@ -372,64 +364,11 @@ def _scan_labels(cfg, paths: list[Path], fmt: str) -> list[Any]:
     return sorted(values) if len(kinds) == 1 else sorted(values, key=str)
 
 
-def _batches(path: Path, fmt: str, columns: list[str]):
+def read_batches(path: Path, fmt: str, columns: list[str]):
     try:
         yield from iter_batches(path, fmt, columns)
     except TableError as err:
         raise StageConfigError(str(err)) from None
-
-
-# ---- text formats: split once into per-unit files --------------------------------------------------
-
-
-def split_folder(root: Path, cfg, record: InputRecord) -> Path:
-    return input_folder(root) / f"split-{cfg.samples_per_shard}-{record.sha256[:16]}"
-
-
-def ensure_split(url_input: UrlInput) -> None:
-    """Text formats: write each unit's rows to `split-.../<unit>.arrow` once (whoever comes first,
-    under the record's lock; the others wait), so a rank reads only its own rows afterwards."""
-    if url_input.record.format == "parquet":
-        return
-    folder = split_folder(url_input.root, url_input.cfg, url_input.record)
-    if (folder / SPLIT_DONE).exists():
-        return
-    with waiting_lock(input_folder(url_input.root) / "record.lock", "the split of the URL files"):
-        if (folder / SPLIT_DONE).exists():
-            return
-        for old in input_folder(url_input.root).glob("split-*"):
-            shutil.rmtree(old, ignore_errors=True)  # an earlier input's or shard size's
-        _write_split(url_input, folder)
-
-
-def _write_split(url_input: UrlInput, folder: Path) -> None:
-    cfg, size = url_input.cfg, url_input.cfg.samples_per_shard
-    folder.mkdir(parents=True, exist_ok=True)
-    pending: list[pa.Table] = []
-    held, unit = 0, 0
-    progress = tqdm(total=url_input.num_rows, desc="URL files: split", unit="row", leave=False)
-    for path, first in zip(url_input.paths, url_input.offsets):
-        row = first
-        for batch in _batches(path, url_input.record.format, wanted_columns(cfg)):
-            pending.append(normalize(batch, cfg, path, row, None))
-            row, held = row + batch.num_rows, held + batch.num_rows
-            while held >= size:
-                whole = _concat(pending)
-                _write_unit_rows(folder / f"{shard_name(unit)}.arrow", whole.slice(0, size))
-                pending, held, unit = [whole.slice(size)], held - size, unit + 1
-            progress.update(batch.num_rows)
-    if held:
-        _write_unit_rows(folder / f"{shard_name(unit)}.arrow", _concat(pending))
-    progress.close()
-    write_json_atomic(folder / SPLIT_DONE, {"rows": url_input.num_rows, "samples_per_shard": size})
-
-
-def _write_unit_rows(path: Path, table: pa.Table) -> None:
-    from shards.atomic import atomic_write
-
-    with atomic_write(path) as handle:
-        with pa.ipc.new_file(handle, table.schema) as writer:
-            writer.write_table(table)
 
 
 # ---- waiting for a lock ----------------------------------------------------------------------------
@@ -471,18 +410,12 @@ def deep_check(cfg) -> None:
     text = [c for c in (cfg.url_col, cfg.caption_col) if c]
     for path in paths:
         if fmt == "parquet":
-            schema = _parquet_schema(path)
+            schema = pq.read_schema(path)
             columns = [c for c in text if c in schema.names and not pa.types.is_string(schema.field(c).type)]
         else:
             columns = text
         if not columns:
             continue
-        for batch in _batches(path, fmt, columns):
+        for batch in read_batches(path, fmt, columns):
             for name in columns:
                 _text_column(batch, name, path)
-
-
-def _parquet_schema(path: Path) -> pa.Schema:
-    import pyarrow.parquet as pq
-
-    return pq.read_schema(path)

@@ -121,7 +121,7 @@ def test_a_units_rows_are_the_global_rows_across_files_and_row_groups(tmp_path, 
     cfg = DownloadConfig(url_list=folder, label_col="label", samples_per_shard=7)
     urls = load_url_table(cfg, tmp_path / "run")
     assert urls.num_rows == 20 and urls.labels == ["c0", "c1", "c2"]
-    from stages.download.inputs import ensure_split
+    from stages.download.input_split import ensure_split
 
     ensure_split(urls)
     for unit in ("000000", "000001", "000002"):
