@@ -4,9 +4,10 @@ caption client's tests and its benchmark (benchmarks/caption.py --server).
 `EngineSimulator(latency_s, capacity)`: `/v1/chat/completions` serves at most `capacity` requests at
 once (the rest wait in its queue, as in an engine's scheduler); each takes `latency_s`, or
 `straggler_factor` times that for a seeded `straggler_fraction` of requests, or `slow[digest]` seconds
-for an image whose sha256 (hex) is a key of `slow`; an image in `failing` gets HTTP 500. Answers are deterministic: greedy captions
-depend on the image and the prompt, sampled ones also on the request's `seed` and the choice; `n`
-is honoured. `/health`, `/v1/models` (naming `model`) and `/stats` (the request log) answer at once.
+for an image whose sha256 (hex) is a key of `slow`; an image in `failing` gets HTTP 500. Answers are
+deterministic: greedy captions depend on the image and the prompt, sampled ones also on the request's
+`seed` and the choice; `n` is honoured. `/health`, `/v1/models` (naming `model`) and `/stats` (the
+request log) answer at once.
 `log` holds per request (arrived, started, ended, image digest, prompt, seed, n, Authorization).
 
     python -m tests.helpers.engine_simulator --latency 0.03 --capacity 16    # prints its port
