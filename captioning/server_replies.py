@@ -17,7 +17,7 @@ import re
 MAX_CAPTION_CHARS = 10_000  # as for the caption bank (stages/caption/bank.py): more is not a caption
 SCAN_CHARS = 4096  # server text looked at for an error line, before scrubbing and cutting
 LINE_CHARS = 300
-BEARER = re.compile(r"(?i)\b(bearer|api[-_ ]?key|token)([\s:=\"']+)[^\s\"',;}]+")
+BEARER = re.compile(r"(?i)\b(bearer\s+|(?:api[-_ ]?key|token|password)\s*[:=]\s*[\"']?)([^\s\"',;}]+)")
 HIDDEN = "***"
 
 
@@ -43,7 +43,7 @@ class Scrubber:
         text = str(text)[: SCAN_CHARS + max((len(s) for s in self.secrets), default=0)]
         for secret in self.secrets:
             text = text.replace(secret, HIDDEN)
-        text = BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}{HIDDEN}", text)
+        text = BEARER.sub(lambda m: f"{m.group(1)}{HIDDEN}", text)
         line = " ".join("".join(c if c.isprintable() else " " for c in text).split())
         return line if len(line) <= limit else line[:limit] + "..."
 
