@@ -40,7 +40,6 @@ import base64
 import concurrent.futures
 import hashlib
 import logging
-import math
 import os
 import threading
 from dataclasses import dataclass
@@ -142,8 +141,8 @@ class ServerCaptioner:
         self.refused: set[str] = set()  # request fields the server refused (`n`, `min_tokens`, `seed`)
         self.last_error: str | None = None
         self.slots = server.max_concurrency * len(self.endpoints)
-        per_image = len(self.prompts) if generation.decoding == "prompts" else 1
-        self.window = max(1, math.ceil(WINDOW_PER_SLOT * self.slots / per_image))  # images in flight
+        # images in flight; an image's requests go one after the other (its first failure ends it)
+        self.window = WINDOW_PER_SLOT * self.slots
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client = self._gate = None
@@ -234,8 +233,7 @@ class ServerCaptioner:
     async def _image(self, url: str, seeds: list[int] | None) -> list[str] | Failure:
         try:
             if self.options.decoding == "prompts":
-                answers = await _all(self._request(url, prompt, 1, None) for prompt in self.prompts)
-                return [texts[0] for texts in answers]
+                return [(await self._request(url, prompt, 1, None))[0] for prompt in self.prompts]
             return await self._sampled(url, seeds)
         except Failure as failure:
             return failure
@@ -254,9 +252,9 @@ class ServerCaptioner:
                     len(texts),
                 )
                 self.refused.add("n")
-        rest = range(len(texts), self.k)
-        answers = await _all(self._request(url, self.prompts[0], 1, seeds[i]) for i in rest)
-        return texts + [got[0] for got in answers]
+        for i in range(len(texts), self.k):
+            texts.append((await self._request(url, self.prompts[0], 1, seeds[i]))[0])
+        return texts
 
     def _body(self, url: str, prompt: str, n: int, seed: int | None) -> dict[str, Any]:
         opts = self.options
@@ -352,15 +350,6 @@ class ServerCaptioner:
             if name in body and (f"'{name}'" in detail or f'"{name}"' in detail or f"`{name}`" in detail):
                 return name
         return None
-
-
-async def _all(coroutines) -> list:
-    """Every coroutine's result; the first `Failure` raised once all have ended (none is left running)."""
-    results = await asyncio.gather(*coroutines, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return results
 
 
 def build(

@@ -9,7 +9,6 @@ images again, and a kill -9 mid-window then a rerun equals an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tarfile
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 from captioning.server import ServerCaptioner
 from pipeline.cli import main as cli
 from tests.conftest import cli_env, make_image_shards, write_caption_manifest
-from tests.helpers.engine_simulator import EngineSimulator
+from tests.helpers.engine_simulator import EngineSimulator, digest_of
 from tests.helpers.kill_resume import CliRun, content_differences, tree_content
 
 GREEDY = {"decoding": "prompts", "prompts": ["Describe it.", "What is it?"], "max_new_tokens": 8}
@@ -52,7 +51,7 @@ def _digests(root: Path, unit: str) -> dict[str, str]:
     """key -> sha256 of its picture, as the simulator logs it."""
     with tarfile.open(root / "images" / f"{unit}.tar") as tar:
         return {
-            m.name.split(".")[0]: hashlib.sha256(tar.extractfile(m).read()).hexdigest()
+            m.name.split(".")[0]: digest_of(tar.extractfile(m).read())
             for m in tar.getmembers()
             if m.name.endswith(".jpg")
         }

@@ -4,7 +4,7 @@ caption client's tests and its benchmark (benchmarks/caption.py --server).
 `EngineSimulator(latency_s, capacity)`: `/v1/chat/completions` serves at most `capacity` requests at
 once (the rest wait in its queue, as in an engine's scheduler); each takes `latency_s`, or
 `straggler_factor` times that for a seeded `straggler_fraction` of requests, or `slow[digest]` seconds
-for an image whose sha256 (hex) is a key of `slow`; an image in `failing` gets HTTP 500. Answers are
+for an image whose `digest_of` is a key of `slow`; an image in `failing` gets HTTP 500. Answers are
 deterministic: greedy captions depend on the image and the prompt, sampled ones also on the request's
 `seed` and the choice; `n` is honoured. `/health`, `/v1/models` (naming `model`) and `/stats` (the
 request log) answer at once.
@@ -31,13 +31,17 @@ NOUNS = ["circle", "triangle", "star", "square", "shape", "object", "figure", "p
 
 
 def image_digest(body: dict) -> str:
-    """sha256 of the picture in a chat completion request (its data URL's bytes)."""
+    """sha256 of the picture in a chat completion request (its data URL's base64 text, undecoded)."""
     for message in body.get("messages", []):
         for part in message.get("content", []):
             if isinstance(part, dict) and part.get("type") == "image_url":
-                url = part["image_url"]["url"]
-                return hashlib.sha256(base64.b64decode(url.split(",", 1)[1])).hexdigest()
+                return hashlib.sha256(part["image_url"]["url"].split(",", 1)[1].encode()).hexdigest()
     return ""
+
+
+def digest_of(jpeg: bytes) -> str:
+    """What `image_digest` gives for a request carrying `jpeg`."""
+    return hashlib.sha256(base64.b64encode(jpeg)).hexdigest()
 
 
 def prompt_of(body: dict) -> str:

@@ -18,7 +18,6 @@ answer badly on purpose, one way per `mode`:
 from __future__ import annotations
 
 import json
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tests.helpers.flaky_server import _ServedOnLocalhost
@@ -139,11 +138,3 @@ class HostileLLM(_ServedOnLocalhost):
 
         return Handler
 
-
-def wait_until(condition, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return False
