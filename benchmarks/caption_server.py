@@ -172,7 +172,7 @@ def table_one(args) -> None:
         )
     )
     print(
-        f"\nserver client vs engine: {args.images} images per engine, {engine}; batch 32, k={K} in one request"
+        f"\nserver client vs engine: {args.images} images per engine, {engine}; batch 32, k={K} per request"
     )
     print(
         f"{'window':>7}{'engines':>8}{'bare r/s':>10}{'old r/s':>9}{'new r/s':>9}"
