@@ -109,7 +109,7 @@ def started(
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n".encode())
         out.flush()
         process = subprocess.Popen(
-            ["/bin/sh", "-c", f"exec {command}"],
+            ["/bin/sh", "-c", f"exec env {command}"],  # env: `VAR={gpu} cmd` works (`exec VAR=..` not)
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

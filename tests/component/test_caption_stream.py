@@ -10,6 +10,7 @@ images again, and a kill -9 mid-window then a rerun equals an uninterrupted run.
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -186,3 +187,22 @@ def test_killed_mid_window_then_rerun_equals_uninterrupted(tmp_path, decoding):
         assert _run(manifests["killed"]) == 0
     expected = tree_content(tmp_path / "straight", _compared)
     assert content_differences(expected, tree_content(tmp_path / "killed", _compared)) == []
+
+
+def test_serve_per_gpu_starts_one_server_each_and_feeds_both(tmp_path, capsys):
+    """`server.gpus`: one task starts a server per listed GPU ({gpu}, free ports), both get work,
+    both are stopped when the stage ends."""
+    import sys
+
+    make_image_shards(tmp_path / "run", 2, 6)
+    serve = f"GPU={{gpu}} {sys.executable} -m tests.helpers.engine_simulator --port {{port}} --latency 0.02"
+    server = {"serve": serve, "gpus": ["0", "1"], "max_concurrency": 2, "startup_timeout_s": 60}
+    capsys.readouterr()
+    assert cli(["-v", "run", str(_manifest(tmp_path, "run", server)), "--stage", "caption"]) == 0
+    (sent,) = [line for line in capsys.readouterr().err.splitlines() if "requests per endpoint" in line]
+    counts = [int(n) for n in re.findall(r"': (\d+)", sent)]
+    assert len(counts) == 2 and all(n >= 6 for n in counts) and sum(counts) == 24, sent
+    logs = tmp_path / "run" / "logs" / "caption"
+    assert sorted(p.name for p in logs.glob("*.log")) == ["server-rank0-gpu0.log", "server-rank0-gpu1.log"]
+    assert all(f"GPU={gpu} " in (logs / f"server-rank0-gpu{gpu}.log").read_text() for gpu in "01")
+    assert len(_captions(tmp_path / "run")) == 12

@@ -10,7 +10,8 @@ deterministic: greedy captions depend on the image and the prompt, sampled ones 
 request log) answer at once.
 `log` holds per request (arrived, started, ended, image digest, prompt, seed, n, Authorization).
 
-    python -m tests.helpers.engine_simulator --latency 0.03 --capacity 16    # prints its port
+    python -m tests.helpers.engine_simulator --latency 0.03 --capacity 16   # prints its port; ends with stdin
+    python -m tests.helpers.engine_simulator --port 8000 --model M          # until killed (`serve`)
 """
 
 from __future__ import annotations
@@ -152,10 +153,16 @@ def main() -> None:
     parser.add_argument("--straggler-fraction", type=float, default=0.05)
     parser.add_argument("--straggler-factor", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=0, help="a fixed port: serve until killed")
+    parser.add_argument("--model", default="sim")
     args = parser.parse_args()
     engine = EngineSimulator(
-        args.latency, args.capacity, args.straggler_fraction, args.straggler_factor, args.seed
+        args.latency, args.capacity, args.straggler_fraction, args.straggler_factor, args.seed, args.model
     )
+    if args.port:
+        engine.server.server_close()
+        engine.server = _Backlogged(("127.0.0.1", args.port), engine._handler())
+        engine.server.serve_forever()
     with engine:
         print(engine.port, flush=True)
         sys.stdin.read()  # until the parent closes our stdin

@@ -137,4 +137,3 @@ class HostileLLM(_ServedOnLocalhost):
                 self._send(307, b"", {"Location": f"{hostile.url}/stolen"})
 
         return Handler
-
