@@ -178,9 +178,10 @@ def main() -> None:
     parser.add_argument("--skip-retrieval", action="store_true")
     parser.add_argument("--server", action="store_true", help="part 3 only: the server backend")
     parser.add_argument(
-        "--latency", type=float, default=0.03, help="part 3: the simulator's service time (s)"
+        "--latency", type=float, default=0.05, help="part 3: the simulator's service time (s)"
     )
     parser.add_argument("--capacity", type=int, default=8, help="part 3: requests the engine serves at once")
+    parser.add_argument("--repeats", type=int, default=2, help="part 3: runs per variant (best shown)")
     parser.add_argument("--simulator-only", action="store_true", help="part 3: table 1 only")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--server-model", help="part 3: hub name or folder (cpu: default the tiny LLaVA)")

@@ -57,7 +57,7 @@ MIME = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG": "image/png", b"GIF8": "image/
 RETRY_STATUS = {408, 429}
 REFUSED_STATUS = {401, 403}
 MAX_BACKOFF_S = 30.0
-WINDOW_PER_SLOT = 2  # images in flight per request slot: the next request is ready when a slot frees
+WINDOW_PER_SLOT = 4  # images in flight per request slot: the next request is ready when a slot frees
 
 
 class ServerUnavailable(CaptionerError):
