@@ -8,7 +8,8 @@ for an image whose `digest_of` is a key of `slow`; an image in `failing` gets HT
 deterministic: greedy captions depend on the image and the prompt, sampled ones also on the request's
 `seed` and the choice; `n` is honoured. `/health`, `/v1/models` (naming `model`) and `/stats` (the
 request log) answer at once.
-`log` holds per request (arrived, started, ended, image digest, prompt, seed, n, Authorization).
+`in_service` counts the requests in service now; `log` holds per request (arrived, started,
+ended, image digest, prompt, seed, n, Authorization).
 
     python -m tests.helpers.engine_simulator --latency 0.03 --capacity 16   # prints its port; ends with stdin
     python -m tests.helpers.engine_simulator --port 8000 --model M          # until killed (`serve`)
@@ -80,6 +81,7 @@ class EngineSimulator(_ServedOnLocalhost):
         self.slow, self.failing = slow or {}, failing if failing is not None else set()
         self.slots = threading.Semaphore(capacity)
         self.log: list[dict] = []
+        self.in_service = 0
         self.lock, self.stopping = threading.Lock(), threading.Event()
         self.server = _Backlogged(("127.0.0.1", 0), self._handler())
         self.port = self.server.server_address[1]
@@ -97,7 +99,11 @@ class EngineSimulator(_ServedOnLocalhost):
         digest, prompt, seed, n = image_digest(body), prompt_of(body), body.get("seed"), body.get("n", 1)
         with self.slots:
             started = time.monotonic()
+            with self.lock:
+                self.in_service += 1
             time.sleep(self.service_s(digest, prompt, seed))
+            with self.lock:
+                self.in_service -= 1
         ended = time.monotonic()
         with self.lock:
             entry = {"arrived": arrived, "started": started, "ended": ended, "image": digest}
