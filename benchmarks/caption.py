@@ -10,13 +10,12 @@ with the tests' tiny BLIP and once with a compute-heavier small one:
   (c) ours:  the caption stage end to end (image shards -> DataLoader workers -> parquet + markers).
 Targets: (c) >= 3x (a) and (c) >= 0.8x (b).
 
-Part 3 (--server), the `server` backend against the in-process `vlm` backend, same model, same images,
-same k (greedy, one caption per prompt, so both write the same captions): captions/s of the caption
-stage, the server started once beforehand (its start-up is reported apart).
+Part 3 (--server; benchmarks/caption_server.py): the streaming client against the engine simulator's
+capacity (old per-batch client, new client, a bare pipelined client; windows 1x/2x/4x C; 2 engines),
+then the `server` backend against the in-process `vlm` backend, same model, images and k (greedy):
   --device cpu   tiny LLaVA-1.5 behind `transformers serve` (needs transformers[serving]).
   --device cuda  a named model (--server-model) behind vLLM from its own environment (--vllm-venv or
-                 $VLLM_VENV: the folder holding bin/vllm), one GPU: captions/s/GPU, and the in-process
-                 backend in bfloat16 on the same GPU for the ratio.
+                 $VLLM_VENV: the folder holding bin/vllm), one GPU: both tables against it.
 
 Part 2, the retrieval backend's search: 10k image embeddings against banks of growing size
 (random unit vectors of the tiny CLIP's width and of ViT-B's 512), exact faiss inner product plus
@@ -63,8 +62,10 @@ def photo_jpeg(n: int, size: int = 256) -> bytes:
     return out.getvalue()
 
 
-def make_shards(root: Path, images: int, per_shard: int = 64) -> list[bytes]:
-    jpegs = [photo_jpeg(n) for n in range(images)]
+def make_shards(
+    root: Path, images: int, per_shard: int = 64, jpegs: list[bytes] | None = None
+) -> list[bytes]:
+    jpegs = jpegs or [photo_jpeg(n) for n in range(images)]
     for s in range(0, images, per_shard):
         unit = f"{s // per_shard:06d}"
         write_tar_atomic(
@@ -138,68 +139,6 @@ def part_one(images: int, workers: int, size: str) -> None:
     print(f"(c)/(a) = {c / a:.2f}  (target >= 3)    (c)/(b) = {c / b:.2f}  (target >= 0.8)")
 
 
-SERVER_PROMPTS = ["Describe the image in one sentence.", "What is in the picture?", "Caption this photo."]
-
-
-def _caption_seconds(cfg, root: Path) -> float:
-    start = time.perf_counter()
-    assert caption.run(cfg, RunContext(root=root)).is_complete
-    return time.perf_counter() - start
-
-
-def part_three(images: int, workers: int, device: str, model: str | None, vllm_venv: str | None) -> None:
-    from stages.caption.server_process import started
-    from stages.layout import RunLayout
-
-    work = Path(tempfile.mkdtemp(prefix="bench-server-"))
-    if device == "cpu":
-        model = str(model or tiny_models.save_tiny_llava(work / "llava"))
-        serve = (
-            f"{Path(sys.executable).parent / 'transformers'} serve {{model}} --host 127.0.0.1 --port {{port}}"
-        )
-        serve += " --device cpu --dtype float32"
-        dtype, max_tokens, batch = "float32", 12, BATCH
-    else:
-        venv = vllm_venv or os.environ.get("VLLM_VENV")
-        if not model or not venv:
-            raise SystemExit("--device cuda needs --server-model and --vllm-venv (or $VLLM_VENV)")
-        serve = f"CUDA_VISIBLE_DEVICES={{gpu}} {Path(venv) / 'bin' / 'vllm'} serve {{model}} --port {{port}}"
-        dtype, max_tokens, batch = "bfloat16", 30, 256
-    generation = GenerationOptions(
-        decoding="prompts", prompts=SERVER_PROMPTS, max_new_tokens=max_tokens, min_new_tokens=0
-    )
-    common = dict(
-        model=model,
-        generation=generation,
-        batch_size=batch,
-        num_workers=workers,
-        filter={"min_words": 0, "dedupe": False},
-    )
-    for name in ("inproc", "served"):
-        make_shards(work / name, images)
-    inproc = caption.CaptionConfig(backend="vlm", dtype=dtype, device=device, **common)
-    rows = [("in-process `vlm` backend", _caption_seconds(inproc, work / "inproc"))]
-    launcher = caption.CaptionConfig(
-        backend="server", server={"serve": serve, "startup_timeout_s": 1800}, **common
-    )
-    begin = time.perf_counter()
-    with started(launcher, RunContext(root=work / "served"), RunLayout(work / "served")) as endpoint:
-        startup = time.perf_counter() - begin
-        served = caption.CaptionConfig(
-            backend="server", server={"endpoint": endpoint, "max_concurrency": 64}, **common
-        )
-        engine = "transformers serve" if device == "cpu" else "vLLM"
-        rows.append((f"`server` backend ({engine})", _caption_seconds(served, work / "served")))
-    captions = images * len(SERVER_PROMPTS)
-    print(f"\nserver vs in-process: {images} images, {model}, {device}, k={len(SERVER_PROMPTS)} greedy")
-    print(f"{'variant':<40}{'seconds':>9}{'captions/s':>12}")
-    for name, seconds in rows:
-        print(f"{name:<40}{seconds:>9.2f}{captions / seconds:>12.1f}")
-    print(
-        f"server start-up (not counted): {startup:.1f} s; server/in-process = {rows[0][1] / rows[1][1]:.2f}"
-    )
-
-
 def part_two(
     bank_sizes: list[int], queries: int, dims: list[int], k: int = 20, threshold: float = 0.271
 ) -> None:
@@ -230,6 +169,7 @@ def _unit(rng, rows: int, dim: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=384)
+    parser.add_argument("--server-images", type=int, default=64, help="part 3, table 2 (transformers serve)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--models", default="tiny,small", help="BLIP sizes: tiny (the tests' model), small")
     parser.add_argument("--bank-sizes", default="250000,500000,1000000")
@@ -237,13 +177,25 @@ def main() -> None:
     parser.add_argument("--dims", default="32,512")
     parser.add_argument("--skip-retrieval", action="store_true")
     parser.add_argument("--server", action="store_true", help="part 3 only: the server backend")
+    parser.add_argument(
+        "--latency", type=float, default=0.05, help="part 3: the simulator's service time (s)"
+    )
+    parser.add_argument("--capacity", type=int, default=8, help="part 3: requests the engine serves at once")
+    parser.add_argument("--repeats", type=int, default=2, help="part 3: runs per variant (best shown)")
+    parser.add_argument("--simulator-only", action="store_true", help="part 3: table 1 only")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--server-model", help="part 3: hub name or folder (cpu: default the tiny LLaVA)")
     parser.add_argument("--vllm-venv", help="part 3, cuda: the virtual environment holding bin/vllm")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.server:
-        part_three(args.images, args.workers, args.device, args.server_model, args.vllm_venv)
+        from benchmarks import caption_server
+
+        caption_server.table_one(args)
+        if not args.simulator_only:
+            caption_server.table_two(
+                args.server_images, args.workers, args.device, args.server_model, args.vllm_venv
+            )
         return
     for size in args.models.split(","):
         part_one(args.images, args.workers, size)

@@ -11,7 +11,7 @@ pydantic only, so the manifest can be validated without importing torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
@@ -72,43 +72,64 @@ class SearchOptions(BaseModel):
 
 class ServerOptions(BaseModel):
     """How the `server` backend reaches an OpenAI-compatible inference server (vLLM, SGLang, LMDeploy,
-    `transformers serve`): an existing one at `endpoint`, or one the stage starts per task with `serve`
-    (a command; `{model}`, `{port}` and `{gpu}` are filled in). The request settings that decide the
-    captions (endpoint, the model name, prompts, sampling) are fingerprinted; the rest only change speed
-    or how failures are tolerated (SPEED_ONLY)."""
+    `transformers serve`): an existing one at `endpoint`, several (`endpoints`: engines serving the same
+    model, fed by outstanding requests), or one the stage starts per task with `serve` (a command;
+    `{model}`, `{port}` and `{gpu}` are filled in; with `gpus`, one server per listed local GPU). The
+    request settings that decide the captions (endpoint, the model name, prompts, sampling) are
+    fingerprinted; the rest only change speed or how failures are tolerated (SPEED_ONLY). `endpoints`
+    is speed only: a pool of engines of one model, like `gpus`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     SPEED_ONLY: ClassVar[frozenset[str]] = frozenset(
         {
             "serve",
+            "endpoints",
+            "gpus",
             "port",
             "startup_timeout_s",
             "api_key_env",
             "max_concurrency",
             "timeout_s",
+            "deadline_s",
+            "max_reply_bytes",
             "retries",
             "backoff_s",
             "max_failed_fraction",
         }
     )
     endpoint: str | None = Field(None, pattern=r"^https?://")  # base URL, e.g. http://node12:8000
+    endpoints: list[Annotated[str, Field(pattern=r"^https?://")]] | None = Field(None, min_length=1)
     serve: str | None = None  # e.g. "vllm serve {model} --port {port}"; run with /bin/sh
+    gpus: list[str] | None = Field(None, min_length=1)  # serve: one server per local GPU ({gpu} each)
     port: int | None = Field(None, ge=1, le=65535)  # serve: default a free port on 127.0.0.1
     startup_timeout_s: float = Field(900, gt=0)  # serve: wait this long for /health or /v1/models
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # the variable's NAME
-    max_concurrency: PositiveInt = 16  # requests in flight
-    timeout_s: float = Field(120, gt=0)  # per request
+    max_concurrency: PositiveInt = 16  # requests in flight per endpoint
+    timeout_s: float = Field(120, gt=0)  # per socket operation (connect, each read)
+    deadline_s: float = Field(600, gt=0)  # the whole of one request (queue, answer), even a trickled one
+    max_reply_bytes: PositiveInt = 1 << 20  # a longer answer fails its image
     retries: int = Field(3, ge=0)  # extra attempts on connection errors, timeouts, 429 and 5xx
     backoff_s: float = Field(1.0, ge=0)  # first retry's wait; doubles per attempt (at most 30 s)
     max_failed_fraction: float = Field(0.5, ge=0, le=1)  # of a shard's images, before the stage stops
 
     @model_validator(mode="after")
     def _one_server(self) -> "ServerOptions":
-        if (self.endpoint is None) == (self.serve is None):
-            raise ValueError("set exactly one of `endpoint` (a running server) or `serve` (a command)")
-        if self.port is not None and self.serve is None:
-            raise ValueError("port: only used with `serve`")
+        if sum(x is not None for x in (self.endpoint, self.endpoints, self.serve)) != 1:
+            raise ValueError(
+                "set exactly one of `endpoint` (a running server), `endpoints` (several) "
+                "or `serve` (a command)"
+            )
+        for name in ("port", "gpus"):
+            if getattr(self, name) is not None and self.serve is None:
+                raise ValueError(f"{name}: only used with `serve`")
+        if self.port is not None and self.gpus and len(self.gpus) > 1:
+            raise ValueError("port: one fixed port cannot serve several `gpus` (leave it out: free ports)")
         return self
+
+    @property
+    def urls(self) -> list[str]:
+        """The base URLs to send requests to (for `serve`, filled in once the servers run)."""
+        return list(self.endpoints) if self.endpoints else [self.endpoint] if self.endpoint else []
 
 
 @dataclass(frozen=True)

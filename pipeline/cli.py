@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--retry-failed",
         action="store_true",
-        help="download: re-download the rows that failed into extra shards",
+        help="download: re-download the rows that failed into extra shards; caption (server): send the "
+        "images that failed again, rewriting their shards",
     )
     export = sub.add_parser("export", help="write images + one caption set as plain webdataset shards")
     export.add_argument("manifest")
@@ -180,9 +181,17 @@ def _run(args, manifest, ctx) -> int:
     names = select_stages(manifest, args.stage, args.start)
     options = {}
     if args.retry_failed:
-        if "download" not in names:
-            raise ManifestError("--retry-failed applies to the download stage, which is not selected")
-        options["download"] = {"retry_failed": True}
+        if "download" not in names and "caption" not in names:
+            raise ManifestError(
+                "--retry-failed applies to the download and caption stages; neither is selected"
+            )
+        if "download" in names:
+            options["download"] = {"retry_failed": True}
+        # caption: failed images are the server backend's; with download selected too, others skip it
+        if "caption" in names and (
+            "download" not in names or manifest.stage_config("caption").backend == "server"
+        ):
+            options["caption"] = {"retry_failed": True}
     # SIGUSR1 (the SLURM launcher's "stop cleanly") interrupts a data stage like Ctrl-C: the unit in
     # progress is abandoned, its temporary files removed; training installs its own checkpointing handler.
     signal.signal(signal.SIGUSR1, signal.default_int_handler)

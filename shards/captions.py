@@ -13,6 +13,10 @@ One row per image of the image shard `images/<shard>.tar`, in the tar's key orde
                               optional: the captions the filter removed and why ("duplicate",
                               "fewer than 3 words", "below min_score 0.2", "beyond keep_top 5");
                               null in shards written before it existed or by writers that omit it
+    failure   string          optional: why the image has no captions when its backend failed on it
+                              (the `server` backend: "HTTP 500: ...", "no whole answer within
+                              deadline_s=600"); null when it did not fail, in shards written before
+                              the column existed, and for corrupt images (counted apart)
 
 A caption set is named by the folder under `captions/`; `ALT_TEXT` ("alt") is the reserved name
 of the text downloaded with each image (`<key>.txt` in the tar), which has no caption shards.
@@ -42,6 +46,7 @@ SCHEMA = pa.schema(
             "dropped",
             pa.list_(pa.struct([("text", pa.string()), ("score", pa.float32()), ("reason", pa.string())])),
         ),
+        ("failure", pa.string()),
     ]
 )
 
@@ -64,8 +69,8 @@ class DroppedCaption:
 
 
 def write_caption_shard(path: Path, rows: list[dict]) -> None:
-    """Rows with the SCHEMA's fields (`dropped` may be left out), written under a temporary name and
-    renamed."""
+    """Rows with the SCHEMA's fields (`dropped` and `failure` may be left out), written under a temporary
+    name and renamed."""
     write_parquet_atomic(pa.Table.from_pylist(rows, schema=SCHEMA), Path(path))
 
 
@@ -100,3 +105,12 @@ def read_dropped(path: Path) -> dict[str, tuple[DroppedCaption, ...]]:
         key: tuple(DroppedCaption(d["text"], d["score"], d["reason"]) for d in (dropped or ()))
         for key, dropped in zip(keys, table.column("dropped").to_pylist())
     }
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Every row of a caption shard with all its columns (`failure` None where the column is absent)."""
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowException) as err:
+        raise CaptionShardError(f"{path}: unreadable caption shard ({str(err).splitlines()[0]})") from None
+    return [{"dropped": None, "failure": None, **row} for row in rows]

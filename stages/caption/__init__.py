@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 
 NAME = "caption"
 FORMAT_VERSION = 1
+# `server` shards from 2 on: a `failure` column (why an image has no captions) and sampled captions
+# seeded per image, not per batch; other backends' shards gain a null `failure` column only, so
+# their version (and their done units) stay as they were
+SERVER_FORMAT_VERSION = 2
 
 
 class FilterConfig(ConfigSection):
@@ -177,6 +181,7 @@ def settings_of(cfg: CaptionConfig, input_fingerprint: str, seed: int) -> dict[s
         "input_fingerprint": input_fingerprint,
         "model_identity": model_identity(cfg),
         "format_version": FORMAT_VERSION,
+        **({"server_format_version": SERVER_FORMAT_VERSION} if cfg.backend == "server" else {}),
     }
 
 
@@ -200,25 +205,40 @@ def check_inputs(cfg: CaptionConfig) -> None:
         open_clip_config(cfg.scoring.model, cfg.scoring.pretrained, cfg.scoring.config_dir, "caption.scoring")
 
 
+def _retry_plan(cfg: CaptionConfig, ctx: RunContext, plan) -> dict[str, dict[str, dict]]:
+    if cfg.backend != "server":
+        raise StageConfigError(
+            f"--retry-failed: backend {cfg.backend!r} does not fail per image (only 'server' does)"
+        )
+    from stages.caption.streaming import failed_rows
+
+    retry = failed_rows(plan, ctx)
+    failed = sum(plan.done[u]["counts"]["failed_requests"] for u in retry)
+    log.info("retry-failed: %d failed image(s) of %d done shard(s) sent again", failed, len(retry))
+    return retry
+
+
 def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:
     return sum_counts(done_markers)
 
 
-def run(cfg: CaptionConfig, ctx: RunContext) -> StageResult:
-    """Caption this rank's pending image shards."""
+def run(cfg: CaptionConfig, ctx: RunContext, retry_failed: bool = False) -> StageResult:
+    """Caption this rank's pending image shards; with `retry_failed` (backend `server`), also send
+    the images that failed in its done shards again and rewrite those shards."""
     from stages.caption import work
 
     layout = RunLayout(ctx.root)
     images = layout.downloaded(share=(ctx.rank, ctx.world_size))  # this rank's image shards only
     settings = settings_of(cfg, images.fingerprint, ctx.seed)
     plan = plan_units(NAME, layout.captions(cfg.caption_set), images.units, settings, ctx)
-    images.verify(plan.mine)  # the full check of the tars about to be read: keys, counts, hashes
-    if plan.mine:
+    retry = _retry_plan(cfg, ctx, plan) if retry_failed else {}
+    images.verify(plan.mine + [u for u in retry if u not in plan.mine])  # the full check of the tars read
+    if plan.mine or retry:
         from stages.caption.server_process import serving
 
         with serving(cfg, ctx, layout) as served:  # backend `server` with `serve`: the server, started
-            work.caption_units(served, ctx, plan, layout)
-    result = finish_stage(NAME, plan, len(plan.mine), merge_counts)
+            work.caption_units(served, ctx, plan, layout, retry)
+    result = finish_stage(NAME, plan, len(plan.mine) + len(retry), merge_counts)
     counts = result.counts
     log.info(
         "caption[%s]: %d/%d shards done (%d run now); %d images, %d captions, %d without captions, "

@@ -18,6 +18,7 @@ from captioning.cleanup import clean, clean_captions, cleaned_text
 from shards.atomic import remove_orphans
 from shards.captions import DroppedCaption, write_caption_shard
 from shards.identity import file_sha256
+from shards.markers import remove_marker
 from stages.base import RunContext, UnitPlan
 from stages.caption.images import image_batches
 from stages.errors import ShardError, StageConfigError
@@ -95,24 +96,36 @@ class _ShardWriter:
         self.constant = {"backend": cfg.backend, "model": model_name, "prompts": prompts, "seed": seed}
         self.rows: dict[str, list[dict]] = {}
         self.counts: dict[str, dict[str, int]] = {}
+        self.last_error: str | None = None
+        self.replacing: set[str] = set()  # done units rewritten by --retry-failed
 
     def add(
-        self, unit: str, key: str, captions: list[str], scores: list[float] | None, corrupt: bool
+        self,
+        unit: str,
+        key: str,
+        captions: list[str],
+        scores: list[float] | None,
+        corrupt: bool,
+        failure: str | None = None,
     ) -> None:
+        failure = failure or getattr(captions, "failed", None)  # see `_results`
         dropped = [vars(d) for d in getattr(captions, "dropped", ())]  # see `_Kept`
-        self.rows.setdefault(unit, []).append(
-            {"key": key, "captions": list(captions), "scores": scores, **self.constant, "dropped": dropped}
-        )
+        row = {"key": key, "captions": list(captions), "scores": scores, **self.constant, "dropped": dropped}
+        self.add_row(unit, {**row, "failure": failure}, corrupt)
+
+    def add_row(self, unit: str, row: dict, corrupt: bool) -> None:
+        """A whole row (also one kept from the shard as written before, by --retry-failed)."""
+        self.rows.setdefault(unit, []).append(row)
         counts = self.counts.setdefault(
             unit, {"images": 0, "captions": 0, "images_without_captions": 0, "corrupt_images": 0}
         )
         counts["images"] += 1
-        counts["captions"] += len(captions)
-        counts["images_without_captions"] += not captions
+        counts["captions"] += len(row["captions"])
+        counts["images_without_captions"] += not row["captions"]
         counts["corrupt_images"] += corrupt
-        if hasattr(captions, "failed"):  # backends that fail per image (server): count and keep the reason
-            counts["failed_requests"] = counts.get("failed_requests", 0) + bool(captions.failed)
-            self.last_error = captions.failed or getattr(self, "last_error", None)
+        if self.cfg.backend == "server":  # backends that fail per image: count, keep the last reason
+            counts["failed_requests"] = counts.get("failed_requests", 0) + bool(row.get("failure"))
+            self.last_error = row.get("failure") or self.last_error
 
     def finish(self, unit: str, expected: int) -> None:
         rows = self.rows.pop(unit, [])
@@ -128,14 +141,19 @@ class _ShardWriter:
                 f"(max_failed_fraction {limit:g}); last error: {self.last_error}"
             )
         path = self.out / f"{unit}.parquet"
+        if unit in self.replacing:  # marker first: a crash in between leaves the unit pending, not damaged
+            remove_marker(self.out, unit)
         write_caption_shard(path, rows)
         self.plan.mark_done(unit, {"counts": counts, "parquet_sha256": file_sha256(path)}, outputs=[path])
         self.progress.update(1)
 
 
-def caption_units(cfg, ctx: RunContext, plan: UnitPlan, layout: RunLayout) -> None:
-    out = plan.stage_dir
-    for unit in plan.mine:  # only this rank's units: other ranks may be writing theirs right now
+def caption_units(cfg, ctx: RunContext, plan: UnitPlan, layout: RunLayout, retry: dict | None = None) -> None:
+    """Caption `plan.mine`, and with `retry` (unit -> {key: row kept}, from --retry-failed) send the
+    images of those done units again whose rows are not kept, rewriting their shards."""
+    out, retry = plan.stage_dir, retry or {}
+    units = plan.mine + [u for u in retry if u not in plan.mine]
+    for unit in units:  # only this rank's units: other ranks may be writing theirs right now
         remove_orphans(out, unit)
         remove_orphans(out / "_done", unit)
     captioner, scorer = build_captioner(cfg, ctx, plan.settings["model_identity"]), _scorer(cfg)
@@ -143,23 +161,26 @@ def caption_units(cfg, ctx: RunContext, plan: UnitPlan, layout: RunLayout) -> No
     transforms = [captioner.image_transform()] + ([scorer.preprocess] if scorer else [])
     decode_size = max([captioner.input_size] + ([scorer.image_size] if scorer else []))
     loader = image_batches(
-        [(u, layout.image_tar(u)) for u in plan.mine],
+        [(u, layout.image_tar(u)) for u in units],
         transforms,
         decode_size,
         cfg.batch_size,
         cfg.num_workers,
     )
-    progress = tqdm(
-        total=len(plan.mine), desc=f"caption[{cfg.caption_set}]", unit="shard", disable=not ctx.is_main
-    )
-    writer = _ShardWriter(cfg, plan, out, captioner.model_name, list(captioner.prompts), seed, progress)
-    for items, images, results in _captioned_batches(cfg, captioner, scorer, loader, seed):
-        for item, (captions, scores) in zip(images, results):
-            writer.add(item["unit"], item["key"], captions, scores, not item["ok"])
-        for item in items:
-            if item.get("end"):
-                writer.finish(item["unit"], item["count"])
-    progress.close()
+    bar = tqdm(total=len(units), desc=f"caption[{cfg.caption_set}]", unit="shard", disable=not ctx.is_main)
+    with bar as progress:  # closed before an error is printed, so the error is the last line
+        writer = _ShardWriter(cfg, plan, out, captioner.model_name, list(captioner.prompts), seed, progress)
+        writer.replacing = set(retry)
+        if getattr(captioner, "streams", False):
+            from stages.caption.streaming import stream_units
+
+            return stream_units(cfg, captioner, scorer, loader, seed, writer, retry)
+        for items, images, results in _captioned_batches(cfg, captioner, scorer, loader, seed):
+            for item, (captions, scores) in zip(images, results):
+                writer.add(item["unit"], item["key"], captions, scores, not item["ok"])
+            for item in items:
+                if item.get("end"):
+                    writer.finish(item["unit"], item["count"])
 
 
 def _captioned_batches(cfg, captioner, scorer, loader, seed: int):
