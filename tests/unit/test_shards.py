@@ -75,8 +75,9 @@ def test_remove_orphans_only_touches_temporary_files(tmp_path):
 
 
 def test_markers_roundtrip_and_bad_json_names_file(tmp_path):
-    markers.write_marker(tmp_path, "000003", {"fingerprint": "abc"})
-    assert markers.read_marker(tmp_path, "000003") == {"fingerprint": "abc"}
+    marker = {"unit": "000003", "fingerprint": "abc", "settings": {"k": 3}}
+    markers.write_marker(tmp_path, "000003", marker)
+    assert markers.read_marker(tmp_path, "000003") == marker
     assert markers.read_marker(tmp_path, "000004") is None
     markers.marker_path(tmp_path, "000005").write_text("{half")
     with pytest.raises(ValueError, match="000005.json"):
