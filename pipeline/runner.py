@@ -20,7 +20,7 @@ from pipeline import run_log
 from pipeline.manifest import Manifest, resolved_yaml
 from pipeline.registry import stage_module
 from shards.atomic import write_text_atomic
-from shards.locks import FileLock, LockHeld
+from shards.locks import FileLock, LockHeld, LockUnusable
 from stages.base import DamagedOutput, RunContext, StageResult, damaged_units, fingerprint_of, read_markers
 from stages.errors import InputNotReady, StageError
 from stages.layout import RunLayout
@@ -84,6 +84,8 @@ def _one_process_per_rank(ctx: RunContext, name: str):
     try:
         with FileLock(RunLayout(ctx.root).lock(name, ctx.rank)):
             yield
+    except LockUnusable as err:
+        raise StageError(f"stage {name}: {err}") from None
     except LockHeld as held:
         pid, host = held.owner.get("pid", "?"), held.owner.get("host", "?")
         raise StageError(
