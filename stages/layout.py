@@ -20,6 +20,7 @@ the full check of the units it reads with `CompleteStage.verify(units)`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +28,7 @@ from typing import Any, Callable
 from shards.markers import DONE_DIR, OUTPUTS, SUCCESS_FILE
 from shards.naming import list_shards
 from stages.base import DamagedOutput, damaged_units, read_markers
-from stages.errors import InputNotReady, ShardError
+from stages.errors import InputNotReady, ShardError, StageConfigError
 
 FINAL_UNIT = "final"  # the one unit of a training stage, and the folder of its exported model
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # caption sets and run names: a plain folder name
@@ -90,6 +91,8 @@ class RunLayout:
 
     # caption
     def captions(self, caption_set: str) -> Path:
+        if not re.fullmatch(CAPTION_SET_NAME, caption_set):  # a set named on the command line, too
+            raise StageConfigError(f"caption set {caption_set[:80]!r} is not a plain folder name")
         return self.root / "captions" / caption_set
 
     def caption_shard(self, caption_set: str, unit: str) -> Path:
@@ -217,6 +220,11 @@ def read_labels(layout: RunLayout) -> list | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())["labels"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        labels = json.loads(path.read_text())["labels"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise ShardError(f"{path}: damaged ({err}); rerun the download stage with --force") from None
+    if not isinstance(labels, list) or not all(isinstance(name, (str, int, float)) for name in labels):
+        raise ShardError(
+            f"{path}: damaged ('labels' is not a list of class names); rerun the download stage with --force"
+        )
+    return labels
