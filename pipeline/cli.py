@@ -208,7 +208,8 @@ def _inspect(args, manifest, ctx) -> int:
     from stages.inspect import build_page, parse_shards
 
     shards, inputs = parse_shards(args.shards), manifest_inputs(manifest, args.manifest)
-    page = build_page(manifest.run.root, args.captions, shards, args.samples, args.out, inputs)
+    root = manifest.run.root
+    page = build_page(root, args.captions, shards, args.samples, args.out, inputs, args.manifest)
     print(f"inspect page: {page}")
     return 0
 

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from pipeline.registry import STAGE_ORDER, STAGES
 from pipeline.slurm_config import SlurmSection
 from stages.base import ManifestPath
 from stages.errors import StageConfigError
-
 
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a page of YAML
 
@@ -30,6 +29,13 @@ class RunSection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     root: ManifestPath
     seed: int = 0
+
+    @field_validator("root")
+    @classmethod
+    def _a_folder(cls, root: Path) -> Path:
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"{root} is a file, not a folder")
+        return root
 
 
 # `stages:` has one optional key per registered stage, in run order

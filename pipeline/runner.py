@@ -24,6 +24,7 @@ from shards.locks import FileLock, LockHeld, LockUnusable
 from stages.base import DamagedOutput, RunContext, StageResult, damaged_units, fingerprint_of, read_markers
 from stages.errors import InputNotReady, StageError
 from stages.layout import RunLayout
+from stages.targets import writing
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,10 @@ def run_stages(
         started = time.time()
         with _one_process_per_rank(ctx, name):
             result = stage_module(name).run(manifest.stage_config(name), ctx, **(options or {}).get(name, {}))
-        run_log.record_run(ctx.root, name, ctx.rank, ctx.world_size, started, time.time() - started, result)
+        with writing(run_log.runs_file(ctx.root), f"stage {name}"):
+            run_log.record_run(
+                ctx.root, name, ctx.rank, ctx.world_size, started, time.time() - started, result
+            )
         _log_end(result, time.time() - started)
         results.append(result)
         if not result.is_complete:
@@ -137,7 +141,9 @@ def _write_resolved_manifest(manifest: Manifest, root: Path) -> None:
         except StageError:  # not ready yet, or unusable: that stage reports it when it runs
             continue
         fingerprints[name] = fingerprint_of(settings)
-    write_text_atomic(RunLayout(root).resolved_manifest, resolved_yaml(manifest, fingerprints))
+    path = RunLayout(root).resolved_manifest
+    with writing(path, "run"):
+        write_text_atomic(path, resolved_yaml(manifest, fingerprints))
 
 
 @dataclass

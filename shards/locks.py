@@ -39,10 +39,11 @@ class FileLock:
     def __enter__(self) -> FileLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # O_NOFOLLOW: a symlink in its place is refused, never followed and truncated
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as err:  # IsADirectoryError, NotADirectoryError, FileExistsError, ELOOP, EACCES
+        except OSError as err:
             raise LockUnusable(
-                f"{self.path}: cannot be used as a lock file ({err.strerror or err}); remove it"
+                f"{self.path}: cannot be used as a lock file ({_why(self.path, err)})"
             ) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -59,6 +60,17 @@ class FileLock:
         if self._fd is not None:
             os.close(self._fd)  # closing releases the lock; the file stays (unlinking would race)
             self._fd = None
+
+
+def _why(path: Path, err: OSError) -> str:
+    if path.is_symlink():
+        return "it is a symbolic link; remove it"
+    if path.is_dir():
+        return "it is a folder; remove it"
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    return err.strerror or str(err)
 
 
 def _read_owner(fd: int) -> dict:

@@ -108,17 +108,17 @@ def _checked_units(
         shown = ", ".join(s[:40] for s in missing[:10])
         raise StageConfigError(f"inspect: shards not finished in {folder}: {shown}")
     chosen = [u for u in done if u in set(shards)] if shards else done
-    damaged = {}
+    damaged, stages = {}, set()
     for unit in chosen:
-        if caption_set:
-            problems = _unit_problems(folder, unit, [layout.caption_shard(caption_set, unit)])
-        else:
-            problems = []
-        problems += _unit_problems(layout.images, unit, [layout.image_tar(unit)])
-        if problems:
-            damaged[unit] = problems
-    if len(damaged) == len(chosen):
-        raise DamagedOutput("caption" if caption_set else "download", damaged)
+        captions = (
+            _unit_problems(folder, unit, [layout.caption_shard(caption_set, unit)]) if caption_set else []
+        )
+        images = _unit_problems(layout.images, unit, [layout.image_tar(unit)])
+        stages.update(name for name, found in (("caption", captions), ("download", images)) if found)
+        if captions or images:
+            damaged[unit] = captions + images
+    if len(damaged) == len(chosen):  # nothing left to show: the error names what status would
+        raise DamagedOutput("/".join(sorted(stages, reverse=True)), damaged)
     return [u for u in chosen if u not in damaged], damaged
 
 
