@@ -13,6 +13,7 @@ damage on disk uses `run --stage <the stage that meets it>`.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import pytest
 
 from examples.image_server import ImageServer
 from pipeline.cli import main as cli
+from shards import identity
 from tests.helpers.bad_inputs import DELETE, changed, copy_made, digests, make_complete_run, write_manifest
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID")
@@ -1643,3 +1645,89 @@ def test_the_suite_has_at_least_160_cases():
     assert len(CASES) >= 160
     stages = {p.id.split("-")[0] for p in CASES}
     assert {"download", "images", "caption", "finetune", "realign", "evaluate"} <= stages
+
+
+INSPECT_DAMAGE = {
+    "caption-parquet-edited-mtime-put-back": (
+        edited_keeping_mtime("captions/retrieval/000000.parquet"),
+        "<run>/captions/retrieval/000000.parquet content (sha256) differs from its marker",
+    ),
+    "caption-marker-cut": (cut(CAPTION_MARKER), f"<run>/{CAPTION_MARKER}: marker is not valid JSON"),
+    "caption-marker-a-list": (json_file(CAPTION_MARKER, []), "marker is not a JSON object (a list)"),
+    "image-tar-half-cut": (cut("images/000000.tar"), "<run>/images/000000.tar size 10240 != 20480"),
+}
+
+
+@pytest.mark.parametrize("kind", list(INSPECT_DAMAGE))
+def test_inspect_names_a_damaged_unit_and_shows_the_others(made, copy_of_made, capsys, kind):
+    """As `status` does: the page (exit 0) leaves unit 000000 out and names it with what differs and
+    the repair command; the summary and cards are the other unit's alone; stderr says it too."""
+    c = copy_of_made
+    damage, problem = INSPECT_DAMAGE[kind]
+    damage(c)
+    code, out, err = _call(["inspect", str(c.folder / "m.yaml"), "--captions", "retrieval"], capsys)
+    assert code == 0, err[-3000:]
+    text = (c.run / "inspect" / "captions-retrieval" / "index.html").read_text()
+    damaged = text[text.index("<section id='damaged'>") : text.index('<section id="summary">')]
+    assert "1 damaged unit left out" in damaged and "damaged unit 000000: " in damaged
+    assert html.escape(_expected(problem, c.folder, c.assets)) in damaged
+    assert html.escape(f"`mcip run {c.folder / 'm.yaml'} --repair` redoes them") in damaged
+    assert "<b>3</b> images in the chosen shards" in text and text.count("class='card'") == 3
+    assert "000001/" in text and "000000/" not in text
+    assert "of 3 images shown (all of the chosen shards)" in text
+    assert "inspect: 1 damaged unit(s) left out" in err and _expected(problem, c.folder, c.assets) in err
+
+
+def test_inspect_cuts_a_long_caption_and_says_how_many_were_sampled(made, copy_of_made, capsys):
+    """A 50,000-character caption (in a shard whose marker records it, as a stage that wrote it
+    would) is shown cut to 10,000 with a note; the counter says 4 of 6 images were sampled."""
+    from shards import markers, verify
+
+    c = copy_of_made
+    folder = c.run / "captions" / "retrieval"
+    rows = pq.read_table(folder / "000000.parquet").to_pylist()
+    long_caption = "a red " + "x" * 49_994
+    rows[0]["captions"] = [long_caption, *rows[0]["captions"][1:]]
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=pq.read_schema(folder / "000000.parquet")),
+        folder / "000000.parquet",
+    )
+    marker = markers.read_marker(folder, "000000")
+    marker["outputs"] = verify.outputs_record(folder, [folder / "000000.parquet"])
+    markers.write_marker(folder, "000000", marker)
+
+    page = c.folder / "page"
+    argv = [
+        "inspect",
+        str(c.folder / "m.yaml"),
+        "--captions",
+        "retrieval",
+        "--samples",
+        "4",
+        "--out",
+        str(page),
+    ]
+    code, _, err = _call(argv, capsys)
+    assert code == 0, err[-3000:]
+    text = (page / "index.html").read_text()
+    assert "[cut: 50,000 characters in all, the first 10,000 shown]" in text
+    assert "x" * 9_994 in text and "x" * 9_995 not in text
+    assert len(text) < 200_000
+    assert "of 4 sampled images shown (the first 4 of 6 in the chosen shards)" in text
+
+
+def test_a_hash_cache_entry_that_is_not_ours_is_hashed_again(made, copy_of_made, capsys, monkeypatch):
+    """`$MCIP_CACHE_DIR/sha256/*.json` that are valid JSON but not entries (`[]`): ignored, hashed
+    again and rewritten; `status` works."""
+    c = copy_of_made
+    cache = c.folder / "cache"
+    monkeypatch.setenv("MCIP_CACHE_DIR", str(cache))
+    assert _call(["status", str(c.folder / "m.yaml")], capsys)[0] == 0
+    entries = sorted((cache / "sha256").glob("*.json"))
+    assert entries
+    for entry in entries:
+        entry.write_text("[]")
+    monkeypatch.setattr(identity, "_memory", {})  # as a new process: only the files remember
+    code, out, err = _call(["status", str(c.folder / "m.yaml")], capsys)
+    assert code == 0 and out.count("[complete]") == 5, err[-3000:]
+    assert all(isinstance(json.loads(e.read_text()), dict) for e in entries)
