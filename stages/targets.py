@@ -36,7 +36,9 @@ def check_target(
     target = Path(folder).resolve()
     _check_shape(Path(folder), what)
     run_root = Path(root).resolve()
-    if target.is_relative_to(run_root) and not (allowed and target.is_relative_to(Path(allowed).resolve())):
+    if target.is_relative_to(run_root):
+        if allowed and target.is_relative_to(Path(allowed).resolve()):
+            return  # the command's own folder in the run root, where the stages write anyway
         raise StageConfigError(
             f"{what} {folder}: is inside the run root {root}, which the pipeline owns; choose a folder "
             "outside it"

@@ -1731,3 +1731,23 @@ def test_a_hash_cache_entry_that_is_not_ours_is_hashed_again(made, copy_of_made,
     code, out, err = _call(["status", str(c.folder / "m.yaml")], capsys)
     assert code == 0 and out.count("[complete]") == 5, err[-3000:]
     assert all(isinstance(json.loads(e.read_text()), dict) for e in entries)
+
+
+def test_inspect_and_export_write_where_they_may_when_the_manifest_reads_the_run_root(
+    made, copy_of_made, capsys
+):
+    """An evaluation over this run's own shards makes the run root an input; inspect still writes
+    its page into `<root>/inspect/`, and export into a folder beside the run root."""
+    c = copy_of_made
+    data = changed(
+        made["data"],
+        {"stages.evaluate.knn.data": {"layout": "shards", "path": "run"}, "stages.evaluate.knn.k": 3},
+    )
+    manifest = write_manifest(c.folder, data)
+    code, _, err = _call(["inspect", str(manifest)], capsys)
+    assert code == 0 and (c.run / "inspect" / "download" / "index.html").is_file(), err[-3000:]
+    code, _, err = _call(
+        ["export", str(manifest), "--captions", "retrieval", "--to", str(c.folder / "out")], capsys
+    )
+    assert code == 0, err[-3000:]
+    assert json.loads((c.folder / "out" / "sizes.json").read_text()) == {"000000.tar": 3, "000001.tar": 3}
