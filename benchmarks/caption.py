@@ -72,7 +72,7 @@ def make_shards(
             root / "images" / f"{unit}.tar",
             [(f"{n:09d}", {"jpg": jpegs[n]}) for n in range(s, min(s + per_shard, images))],
         )
-        markers.write_marker(root / "images", unit, {"fingerprint": "bench"})
+        markers.write_marker(root / "images", unit, {"unit": unit, "fingerprint": "bench", "settings": {}})
     markers.write_success(root / "images", {"fingerprint": "bench"})
     return jpegs
 

@@ -4,7 +4,7 @@
     python -m pipeline plan examples/demo.yaml
     python -m pipeline run examples/demo.yaml [--stage S | --from S] [--force] [--retry-failed] [--repair]
     python -m pipeline status examples/demo.yaml [--json]
-    python -m pipeline export examples/demo.yaml --captions retrieval --to runs/demo/export
+    python -m pipeline export examples/demo.yaml --captions retrieval --to runs/demo-export
     python -m pipeline inspect examples/demo.yaml --captions retrieval [--shards 000000] [--samples 64]
     python -m pipeline submit examples/demo.yaml [--dry-run]     # SLURM: one job per stage (slurm_cli.py)
 
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipeline import lifetime, logs, slurm_cli
 from pipeline.context import context_from_env
+from pipeline.inputs import manifest_inputs
 from pipeline.manifest import ManifestError, load_manifest
 from pipeline.registry import STAGE_ORDER
 from pipeline.runner import check_inputs, run_stages, select_stages, stage_status
@@ -206,7 +207,8 @@ def _run(args, manifest, ctx) -> int:
 def _export(args, manifest, ctx) -> int:
     from stages.export import export_captions
 
-    totals = export_captions(manifest.run.root, args.captions, args.to)
+    inputs = manifest_inputs(manifest, args.manifest)  # never written over (stages/targets.py)
+    totals = export_captions(manifest.run.root, args.captions, args.to, inputs)
     print(f"exported {totals['samples']} samples in {totals['shards']} shards to {args.to}")
     return 0
 
@@ -214,7 +216,9 @@ def _export(args, manifest, ctx) -> int:
 def _inspect(args, manifest, ctx) -> int:
     from stages.inspect import build_page, parse_shards
 
-    page = build_page(manifest.run.root, args.captions, parse_shards(args.shards), args.samples, args.out)
+    shards, inputs = parse_shards(args.shards), manifest_inputs(manifest, args.manifest)
+    root = manifest.run.root
+    page = build_page(root, args.captions, shards, args.samples, args.out, inputs, args.manifest)
     print(f"inspect page: {page}")
     return 0
 

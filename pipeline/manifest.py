@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from pipeline.registry import STAGE_ORDER, STAGES
 from pipeline.slurm_config import SlurmSection
 from stages.base import ManifestPath
 from stages.errors import StageConfigError
+
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a page of YAML
 
 
 class ManifestError(StageConfigError):
@@ -27,6 +29,13 @@ class RunSection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     root: ManifestPath
     seed: int = 0
+
+    @field_validator("root")
+    @classmethod
+    def _a_folder(cls, root: Path) -> Path:
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"{root} is a file, not a folder")
+        return root
 
 
 # `stages:` has one optional key per registered stage, in run order
@@ -59,9 +68,17 @@ class Manifest(BaseModel):
 def load_manifest(path: Path) -> Manifest:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes; is it a manifest?")
+        data = yaml.safe_load(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ManifestError(f"{path}: manifest not found") from None
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:  # a folder, no permission
+        raise ManifestError(f"{path}: cannot be read as a manifest ({err.strerror or err})") from None
     except yaml.YAMLError as err:
         raise ManifestError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(data, dict):

@@ -13,11 +13,27 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shards.marker_schema import schema_problem
 from shards.naming import rank_split
 from stages.errors import ShardError
 from stages.layout import RunLayout
 
 SAMPLE_KEYS = ("rows", "images", "samples_seen", "models")  # download, caption, training, evaluate
+
+
+class RunRecord(BaseModel):
+    """One line of runs.jsonl as `status` uses it (other keys, such as the job, are kept)."""
+
+    model_config = ConfigDict(extra="allow")
+    stage: str
+    rank: int = Field(ge=0)
+    world: int = Field(ge=1)
+    started: float
+    seconds: float = Field(ge=0)
+    samples: int = Field(ge=0)
+    log: str | None = None
 
 
 def runs_file(root: Path) -> Path:
@@ -65,7 +81,7 @@ def last_runs(root: Path, stage: str) -> list[dict[str, Any]]:
     path = runs_file(root)
     if not path.exists():
         return []
-    entries = [e for e in _entries(path) if isinstance(e, dict) and e.get("stage") == stage]
+    entries = [e for e in _entries(path) if e.get("stage") == stage]
     if not entries:
         return []
     latest = max(e["started"] for e in entries)
@@ -74,13 +90,24 @@ def last_runs(root: Path, stage: str) -> list[dict[str, Any]]:
 
 def _entries(path: Path) -> list[dict[str, Any]]:
     entries = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as err:  # a folder in its place, no permission
+        raise ShardError(f"{path}: cannot be read ({err.strerror or err}); remove it") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:
             raise ShardError(
                 f"{path}: line {number} is not valid JSON (cut off by a crash?); delete that line"
             ) from None
+        try:
+            RunRecord.model_validate(entry)
+        except ValidationError as err:
+            raise ShardError(
+                f"{path}: line {number} is not a run record ({schema_problem(err)}); delete that line"
+            ) from None
+        entries.append(entry)
     return entries
 
 

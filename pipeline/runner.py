@@ -20,10 +20,11 @@ from pipeline import run_log
 from pipeline.manifest import Manifest, resolved_yaml
 from pipeline.registry import stage_module
 from shards.atomic import write_text_atomic
-from shards.locks import FileLock, LockHeld
+from shards.locks import FileLock, LockHeld, LockUnusable
 from stages.base import DamagedOutput, RunContext, StageResult, damaged_units, fingerprint_of, read_markers
 from stages.errors import InputNotReady, StageError
 from stages.layout import RunLayout, fingerprints_only
+from stages.targets import writing
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,10 @@ def run_stages(
         started = time.time()
         with _one_process_per_rank(ctx, name):
             result = stage_module(name).run(manifest.stage_config(name), ctx, **(options or {}).get(name, {}))
-        run_log.record_run(ctx.root, name, ctx.rank, ctx.world_size, started, time.time() - started, result)
+        with writing(run_log.runs_file(ctx.root), f"stage {name}"):
+            run_log.record_run(
+                ctx.root, name, ctx.rank, ctx.world_size, started, time.time() - started, result
+            )
         _log_end(result, time.time() - started)
         results.append(result)
         if not result.is_complete:
@@ -89,6 +93,8 @@ def _one_process_per_rank(ctx: RunContext, name: str):
     try:
         with FileLock(RunLayout(ctx.root).lock(name, ctx.rank)):
             yield
+    except LockUnusable as err:
+        raise StageError(f"stage {name}: {err}") from None
     except LockHeld as held:
         pid, host = held.owner.get("pid", "?"), held.owner.get("host", "?")
         raise StageError(
@@ -146,7 +152,9 @@ def _write_resolved_manifest(manifest: Manifest, root: Path) -> None:
         except StageError:  # not ready yet, or unusable: that stage reports it when it runs
             continue
         fingerprints[name] = fingerprint_of(settings)
-    write_text_atomic(RunLayout(root).resolved_manifest, resolved_yaml(manifest, fingerprints))
+    path = RunLayout(root).resolved_manifest
+    with writing(path, "run"):
+        write_text_atomic(path, resolved_yaml(manifest, fingerprints))
 
 
 @dataclass

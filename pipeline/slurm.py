@@ -19,10 +19,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
 from pipeline.manifest import Manifest
 from pipeline.registry import stage_spec
 from pipeline.slurm_config import SlurmResources
 from shards.atomic import write_json_atomic
+from shards.marker_schema import schema_problem
 from stages.errors import StageError
 from stages.layout import RunLayout
 
@@ -148,9 +151,31 @@ def submit(jobs: list[SlurmJob], root: Path) -> dict[str, str]:
     return ids
 
 
+class JobRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    job_id: str
+    submitted_at: float | None = None
+
+
+_JOBS = TypeAdapter(dict[str, JobRecord])
+
+
 def read_jobs(root: Path) -> dict[str, dict]:
+    """The jobs `submit` recorded, by stage; a damaged record is a one-line error naming the file."""
     path = jobs_file(root)
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        _JOBS.validate_python(data)
+    except ValidationError as err:
+        raise StageError(
+            f"{path}: not a record of submitted jobs ({schema_problem(err)}); delete it"
+        ) from None
+    except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError, a folder
+        why = err.strerror if isinstance(err, OSError) else str(err).splitlines()[0]
+        raise StageError(f"{path}: not a record of submitted jobs ({why}); delete it") from None
+    return data
 
 
 ACTIVE_STATES = {

@@ -78,9 +78,13 @@ def read_caption_shard(path: Path, keys: list[str] | None = None) -> dict[str, C
     """Captions and scores by key, in file order. With `keys` (the image tar's keys in order), the
     shard must hold exactly those keys in that order, else `CaptionShardError` names both counts."""
     try:
-        table = pq.read_table(path, columns=["key", "captions", "scores"]).to_pydict()
+        table = pq.read_table(path, columns=["key", "captions", "scores"])
     except (OSError, pa.ArrowException) as err:
         raise CaptionShardError(f"{path}: unreadable caption shard ({str(err).splitlines()[0]})") from None
+    _check_types(path, table.schema, ("key", "captions", "scores"))
+    if table.column("key").null_count or table.column("captions").null_count:
+        raise CaptionShardError(f"{path}: not a caption shard (a row without key or captions)")
+    table = table.to_pydict()
     if keys is not None and table["key"] != list(keys):
         raise CaptionShardError(
             f"{path}: its keys do not match the image shard's "
@@ -92,12 +96,23 @@ def read_caption_shard(path: Path, keys: list[str] | None = None) -> dict[str, C
     }
 
 
+def _check_types(path: Path, schema: pa.Schema, names) -> None:
+    """The columns `names` have the types of SCHEMA, else `CaptionShardError` naming the column."""
+    for name in names:
+        if not schema.field(name).type.equals(SCHEMA.field(name).type):
+            raise CaptionShardError(
+                f"{path}: not a caption shard (column {name!r} is {schema.field(name).type}, "
+                f"not {SCHEMA.field(name).type})"
+            )
+
+
 def read_dropped(path: Path) -> dict[str, tuple[DroppedCaption, ...]]:
     """The dropped captions by key; empty tuples for a shard without the `dropped` column."""
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as err:
         raise CaptionShardError(f"{path}: unreadable caption shard ({str(err).splitlines()[0]})") from None
+    _check_types(path, table.schema, [n for n in ("key", "dropped") if n in table.column_names])
     keys = table.column("key").to_pylist()
     if "dropped" not in table.column_names:
         return {key: () for key in keys}

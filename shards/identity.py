@@ -67,6 +67,8 @@ def _read_disk_entry(key: tuple[str, int, int]) -> str | None:
         entry = json.loads(_entry_path(key[0]).read_text())
     except (OSError, ValueError):  # missing or damaged: hash again
         return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):  # not ours: hash again
+        return None
     if [entry.get("path"), entry.get("size"), entry.get("mtime_ns")] != list(key):
         return None
     return entry.get("sha256")

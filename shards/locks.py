@@ -24,6 +24,11 @@ class LockHeld(RuntimeError):
         self.path, self.owner = path, owner
 
 
+class LockUnusable(RuntimeError):
+    """The lock file's place holds something a lock cannot be made of (a folder, a file where its
+    folder should be, no permission); the message names the path."""
+
+
 class FileLock:
     """`with FileLock(path):` holds `path` exclusively or raises `LockHeld` at once (never waits)."""
 
@@ -32,8 +37,14 @@ class FileLock:
         self._fd: int | None = None
 
     def __enter__(self) -> FileLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # O_NOFOLLOW: a symlink in its place is refused, never followed and truncated
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            raise LockUnusable(
+                f"{self.path}: cannot be used as a lock file ({_why(self.path, err)})"
+            ) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
@@ -51,8 +62,20 @@ class FileLock:
             self._fd = None
 
 
+def _why(path: Path, err: OSError) -> str:
+    if path.is_symlink():
+        return "it is a symbolic link; remove it"
+    if path.is_dir():
+        return "it is a folder; remove it"
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    return err.strerror or str(err)
+
+
 def _read_owner(fd: int) -> dict:
     try:
-        return json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except ValueError:  # being written right now
+        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:  # being written right now, or not ours
         return {}
+    return owner if isinstance(owner, dict) else {}

@@ -18,14 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from shards.atomic import write_json_atomic
+from shards.marker_schema import UnitMarker, marker_problem
 
 DONE_DIR = "_done"
 SUCCESS_FILE = "_SUCCESS.json"
 OUTPUTS = "outputs"  # the marker's record of the unit's files
+MAX_MARKER_BYTES = 16 << 20  # a marker is a few KiB; anything near this is not one
 
 
 class MarkerError(ValueError):
-    """A marker file that exists but cannot be read (cut off by a crash, edited by hand)."""
+    """A marker file that exists but cannot be read (cut off by a crash, edited by hand) or is not a
+    marker of its unit (shards/marker_schema.py); the message names the file."""
 
 
 def marker_path(stage_dir: Path, unit: str) -> Path:
@@ -36,14 +39,28 @@ def write_marker(stage_dir: Path, unit: str, payload: dict[str, Any]) -> None:
     write_json_atomic(marker_path(stage_dir, unit), payload)
 
 
-def read_marker(stage_dir: Path, unit: str) -> dict[str, Any] | None:
+def read_marker(stage_dir: Path, unit: str, schema=UnitMarker) -> dict[str, Any] | None:
+    """The marker of `unit` as written, None when there is none; `MarkerError` naming the file when
+    it is not valid JSON or not a `schema` marker of this unit (a cache's markers: `CacheMarker`)."""
     path = marker_path(stage_dir, unit)
     try:
-        return json.loads(path.read_text())
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_MARKER_BYTES + 1)
+        if len(raw) > MAX_MARKER_BYTES:
+            raise MarkerError(
+                f"{path}: marker is larger than {MAX_MARKER_BYTES} bytes; delete it to redo the unit"
+            )
+        data = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MarkerError(f"{path}: marker is not valid JSON ({err}); delete it to redo the unit") from None
+    except OSError as err:  # a folder in its place, no permission
+        raise MarkerError(f"{path}: marker cannot be read ({err.strerror or err}); remove it") from None
+    problem = marker_problem(data, schema, unit)
+    if problem:
+        raise MarkerError(f"{path}: {problem}; delete it to redo the unit")
+    return data
 
 
 def read_markers(stage_dir: Path, units: list[str]) -> dict[str, dict[str, Any]]:

@@ -11,7 +11,8 @@ the sha256 of the sorted keys; `.npy`: the shape) and the file's `sha256` when i
 The quick check (`full=False`, what `plan`, `status` and a stage's own planning do) compares the size,
 and the content only when the mtime is not the recorded one (a copy or a rewrite changes it; a run
 root copied with its mtimes kept costs nothing). The full check (what a reader that opens the file
-anyway asks for) always compares the content: the sha256 where recorded, else the summary.
+anyway asks for) always compares the content: the sha256 where recorded (of the bytes, not a cached
+hash), else the summary.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from shards.identity import file_sha256
+from shards.identity import file_sha256, sha256_of
 from shards.tars import TruncatedTarError, tar_keys
 
 SHA256_MAX_BYTES = 64 << 20
@@ -109,7 +110,9 @@ def check_file(path: Path, record: dict[str, Any], full: bool = False) -> str | 
             return f"{path} size {stat.st_size} != {record.get('bytes')} in its marker"
         if not full and record.get("mtime_ns") in (None, stat.st_mtime_ns):
             return None
-        if "sha256" in record and file_sha256(path) == record["sha256"]:
+        # the full check hashes the bytes themselves: a cached hash is keyed by size and mtime, which
+        # an edit that puts the mtime back does not change
+        if "sha256" in record and (sha256_of(path) if full else file_sha256(path)) == record["sha256"]:
             return None
         return _content_problem(path, record)
     except FileNotFoundError:

@@ -20,6 +20,7 @@ the full check of the units it reads with `CompleteStage.verify(units)`.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any, Callable
 from shards.markers import DONE_DIR, OUTPUTS, SUCCESS_FILE
 from shards.naming import list_shards, rank_split
 from stages.base import DamagedOutput, damaged_units, read_markers
-from stages.errors import InputNotReady, ShardError
+from stages.errors import InputNotReady, ShardError, StageConfigError
 
 _CHECKING: ContextVar[bool] = ContextVar("check_complete_stages", default=True)
 
@@ -109,6 +110,8 @@ class RunLayout:
 
     # caption
     def captions(self, caption_set: str) -> Path:
+        if not re.fullmatch(CAPTION_SET_NAME, caption_set):  # a set named on the command line, too
+            raise StageConfigError(f"caption set {caption_set[:80]!r} is not a plain folder name")
         return self.root / "captions" / caption_set
 
     def caption_shard(self, caption_set: str, unit: str) -> Path:
@@ -240,6 +243,11 @@ def read_labels(layout: RunLayout) -> list | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())["labels"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        labels = json.loads(path.read_text())["labels"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise ShardError(f"{path}: damaged ({err}); rerun the download stage with --force") from None
+    if not isinstance(labels, list) or not all(isinstance(name, (str, int, float)) for name in labels):
+        raise ShardError(
+            f"{path}: damaged ('labels' is not a list of class names); rerun the download stage with --force"
+        )
+    return labels

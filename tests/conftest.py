@@ -14,6 +14,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+# what a marker of a download made by a test (not by the stage) holds besides its unit and counts
+FAKE_MARKER = {"fingerprint": "made-by-test", "settings": {"made_by": "test"}}
 os.environ.update(OFFLINE_ENV)
 
 from examples.image_server import ImageServer  # noqa: E402
@@ -127,7 +129,7 @@ def make_image_shards(
         ]
         info = write_tar_atomic(images / f"{s:06d}.tar", samples)
         markers.write_marker(
-            images, f"{s:06d}", {"fingerprint": "made-by-test", "counts": {"ok": per_shard}, **info}
+            images, f"{s:06d}", {**FAKE_MARKER, "unit": f"{s:06d}", "counts": {"ok": per_shard}, **info}
         )
         keys_per_shard.append([k for k, _ in samples])
     markers.write_success(images, {"stage": "download", "fingerprint": "made-by-test"})

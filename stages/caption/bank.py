@@ -38,6 +38,7 @@ from captioning.bank_search import (
 )
 from shards import markers
 from shards.atomic import atomic_write, remove_orphans, tmp_path_for
+from shards.marker_schema import CacheMarker
 from shards.naming import shard_name
 from shards.tables import TableError, read_table
 from stages.base import fingerprint_of
@@ -129,11 +130,19 @@ class Bank:
         return len(self.texts)
 
 
+def _read_marker(cache_dir: Path, unit: str) -> dict | None:
+    """A cache unit's marker; a damaged one is a `ShardError` naming its file."""
+    try:
+        return markers.read_marker(cache_dir, unit, CacheMarker)
+    except markers.MarkerError as err:
+        raise ShardError(f"caption bank: {err}") from None
+
+
 def _wait_for(cache_dir: Path, unit: str, owner: int, timeout: float, watched: list[str]) -> dict:
     """The marker of `unit`, waiting while other units of the bank keep finishing."""
     last_progress, seen = time.monotonic(), None
     while True:
-        marker = markers.read_marker(cache_dir, unit)
+        marker = _read_marker(cache_dir, unit)
         if marker is not None:
             return marker
         done = sum(markers.marker_path(cache_dir, u).exists() for u in watched)
@@ -161,7 +170,7 @@ def _write_texts(section, cache_dir: Path) -> None:
 def _damaged(cache_dir: Path, chunk: str) -> bool:
     """Whether a finished chunk's file no longer matches its marker (cut, deleted, rewritten): a
     damaged cache is embedded again by its owner, with a warning naming it."""
-    marker = markers.read_marker(cache_dir, chunk)
+    marker = _read_marker(cache_dir, chunk)
     try:
         BankVectors([cache_dir / f"{chunk}.npy"], [(marker["rows"], marker.get("dim"))])
     except BankFormatError as err:
@@ -200,7 +209,7 @@ def prepare_bank(
     timeout = float(section.bank_wait_seconds)
     if rank == 0:
         remove_orphans(cache_dir, TEXTS_FILE)
-        if markers.read_marker(cache_dir, TEXTS_UNIT) is None:
+        if _read_marker(cache_dir, TEXTS_UNIT) is None:
             _write_texts(section, cache_dir)
     texts_marker = _wait_for(cache_dir, TEXTS_UNIT, 0, timeout, [TEXTS_UNIT])
     try:
@@ -212,7 +221,7 @@ def prepare_bank(
     for chunk in mine:
         remove_orphans(cache_dir, chunk)
         remove_orphans(cache_dir / markers.DONE_DIR, chunk)
-    todo = [c for c in mine if markers.read_marker(cache_dir, c) is None or _damaged(cache_dir, c)]
+    todo = [c for c in mine if _read_marker(cache_dir, c) is None or _damaged(cache_dir, c)]
     if todo:
         log.info(
             "caption bank: rank %d embeds %d of %d chunks (%d captions in all) into %s",
@@ -247,7 +256,7 @@ def prepare_index(section, bank: Bank, rank: int, seed: int = 0) -> ApproximateS
     except ValueError as err:
         raise StageConfigError(f"caption.retrieval: {err}") from err
     path = bank.folder / f"{unit}.faiss"
-    if rank == 0 and markers.read_marker(bank.folder, unit) is None:
+    if rank == 0 and _read_marker(bank.folder, unit) is None:
         remove_orphans(bank.folder, unit)
         tmp = tmp_path_for(path)
         start = time.monotonic()

@@ -13,7 +13,9 @@ damage on disk uses `run --stage <the stage that meets it>`.
 
 from __future__ import annotations
 
+import html
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ import pytest
 
 from examples.image_server import ImageServer
 from pipeline.cli import main as cli
+from shards import identity
 from tests.helpers.bad_inputs import DELETE, changed, copy_made, digests, make_complete_run, write_manifest
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_ARRAY_TASK_ID")
@@ -184,6 +187,133 @@ def eval_copy_with_bad_image(c: Ctx) -> list[Path]:
     return []
 
 
+def as_folder(relative: str) -> Damage:
+    """The run root's file `relative` replaced by a folder of that name (a stray `mkdir`)."""
+
+    def apply(c: Ctx) -> list[Path]:
+        path = c.run / relative
+        if path.is_file():
+            path.unlink()
+        path.mkdir(parents=True)
+        return [path]
+
+    return apply
+
+
+def as_file(relative: str) -> Damage:
+    """The run root's folder `relative` replaced by an empty file."""
+
+    def apply(c: Ctx) -> list[Path]:
+        path = c.run / relative
+        shutil.rmtree(path)
+        path.write_bytes(b"")
+        return [path]
+
+    return apply
+
+
+def json_file(relative: str, value: Any) -> Damage:
+    """The run root's file `relative` (a glob with one match, or a new file) holding `value` as JSON."""
+
+    def apply(c: Ctx) -> list[Path]:
+        found = sorted(c.run.glob(relative))
+        path = found[0] if found else c.run / relative
+        assert len(found) <= 1, found
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+        return [path]
+
+    return apply
+
+
+def edit_json(relative: str, edit: Callable[[Any], Any]) -> Damage:
+    """The run root's JSON file `relative` rewritten as `edit(its data)`."""
+
+    def apply(c: Ctx) -> list[Path]:
+        path = _one(c.run, relative)
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+        return [path]
+
+    return apply
+
+
+def without(key: str) -> Callable[[dict], dict]:
+    return lambda data: {k: v for k, v in data.items() if k != key}
+
+
+def with_value(key: str, value: Any) -> Callable[[dict], dict]:
+    return lambda data: {**data, key: value}
+
+
+def copied(source: str, target: str) -> Damage:
+    def apply(c: Ctx) -> list[Path]:
+        shutil.copyfile(c.run / source, c.run / target)
+        return [c.run / target]
+
+    return apply
+
+
+def symlink(relative: str, points_to: str) -> Damage:
+    """A symlink `<folder>/<relative>` (replacing a file there) pointing at `points_to`."""
+
+    def apply(c: Ctx) -> list[Path]:
+        link = c.folder / relative
+        link.unlink(missing_ok=True)
+        link.symlink_to(points_to)
+        return [link] if link.is_relative_to(c.run) else []
+
+    return apply
+
+
+def make_dirs(relative: str) -> Damage:
+    """A folder `<folder>/<relative>` outside the run root."""
+
+    def apply(c: Ctx) -> list[Path]:
+        (c.folder / relative).mkdir(parents=True)
+        return []
+
+    return apply
+
+
+def edited_keeping_mtime(relative: str) -> Damage:
+    """One letter of a caption changed in the file's bytes (same size), the mtime put back: only a
+    check of the bytes themselves can see it."""
+
+    def apply(c: Ctx) -> list[Path]:
+        path = c.run / relative
+        stat, data = path.stat(), bytearray(path.read_bytes())
+        at = next(i for word in (b"red", b"green", b"blue") if (i := data.find(word)) >= 0)
+        data[at] ^= 0x20  # "red" -> "Red"
+        path.write_bytes(bytes(data))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        return [path]
+
+    return apply
+
+
+def legacy_caption_shard_of_numbers(c: Ctx) -> list[Path]:
+    """A caption shard whose captions are numbers, under a marker written before markers recorded
+    their files (so only the reader can notice)."""
+    shard = c.run / "captions" / "retrieval" / "000000.parquet"
+    keys = pq.read_table(shard).column("key")
+    pq.write_table(
+        pa.table({"key": keys, "captions": [[1, 2]] * len(keys), "scores": [[0.5]] * len(keys)}), shard
+    )
+    edit_json("captions/retrieval/_done/000000.json", without("outputs"))(c)
+    return [shard, c.run / "captions" / "retrieval" / "_done" / "000000.json"]
+
+
+def copy_of_eval(c: Ctx) -> list[Path]:
+    shutil.copytree(c.assets["eval"], c.folder / "eval")
+    return []
+
+
+def _append(path: Path, text: str) -> Path:
+    with open(path, "a") as handle:
+        handle.write(text)
+    return path
+
+
 def karpathy(entries: list) -> str:
     return json.dumps({"images": entries})
 
@@ -219,6 +349,318 @@ def probe_evaluate(section: str, value: dict) -> dict[str, Any]:
 
 FOLDER_IMAGES = {"layout": "folder", "path": "ASSETS_EVAL"}
 _URL_SCHEMA = pa.schema([("url", pa.string()), ("caption", pa.string()), ("label", pa.string())])
+
+# Issue 23: markers and bookkeeping files read back, and the paths `export` and `inspect` are given.
+CAPTION_MARKER = "captions/retrieval/_done/000000.json"
+MARKER_CASES = [
+    case(
+        "caption-marker-a-list",
+        RUN_CAPTION,
+        f"<run>/{CAPTION_MARKER}: marker is not a JSON object (a list); delete it",
+        damage=json_file(CAPTION_MARKER, []),
+    ),
+    case(
+        "caption-marker-a-list-seen-by-status",
+        "status",
+        f"<run>/{CAPTION_MARKER}: marker is not a JSON object (a list)",
+        damage=json_file(CAPTION_MARKER, []),
+    ),
+    case(
+        "caption-marker-a-number-seen-by-plan",
+        "plan",
+        f"<run>/{CAPTION_MARKER}: marker is not a JSON object (a int)",
+        damage=json_file(CAPTION_MARKER, 7),
+    ),
+    case(
+        "images-marker-of-another-unit",
+        RUN_DOWNLOAD,
+        "<run>/images/_done/000000.json: marker is for unit '000001', not '000000'",
+        damage=copied("images/_done/000001.json", "images/_done/000000.json"),
+    ),
+    case(
+        "images-marker-is-a-folder",
+        RUN_DOWNLOAD,
+        "<run>/images/_done/000000.json: marker cannot be read (Is a directory)",
+        damage=as_folder("images/_done/000000.json"),
+    ),
+    case(
+        "caption-marker-outputs-not-records",
+        RUN_CAPTION,
+        f"<run>/{CAPTION_MARKER}: marker field 'outputs.000000.parquet': input should be a valid dictionary",
+        damage=edit_json(CAPTION_MARKER, with_value("outputs", {"000000.parquet": "abc"})),
+    ),
+    case(
+        "caption-marker-outputs-outside-the-stage",
+        RUN_CAPTION,
+        ("marker field 'outputs'", "'../../../urls.parquet' is not a path inside the stage folder"),
+        damage=edit_json(CAPTION_MARKER, with_value("outputs", {"../../../urls.parquet": {"bytes": 1}})),
+    ),
+    case(
+        "finetune-marker-without-fingerprint",
+        RUN_FINETUNE,
+        "<run>/finetune/mcip/_done/final.json: marker field 'fingerprint': field required",
+        damage=edit_json("finetune/mcip/_done/final.json", without("fingerprint")),
+    ),
+    case(
+        "realign-marker-negative-size",
+        RUN_REALIGN,
+        "marker field 'outputs.final/model.pt.bytes': input should be greater than or equal to 0",
+        damage=edit_json(
+            "realign/mcip/_done/final.json",
+            lambda m: {**m, "outputs": {**m["outputs"], "final/model.pt": {"bytes": -1}}},
+        ),
+    ),
+    case(
+        "evaluate-marker-settings-a-list",
+        RUN_EVALUATE,
+        "<run>/evaluate/eval/_done/ft.json: marker field 'settings': input should be a valid dictionary",
+        damage=edit_json("evaluate/eval/_done/ft.json", with_value("settings", [])),
+    ),
+    case(
+        "caption-bank-marker-a-list",
+        RUN_CAPTION,
+        ("caption bank: <run>/caption_bank/", "_done/000000.json: marker is not a JSON object (a list)"),
+        damage=both(json_file("caption_bank/*/_done/000000.json", []), delete(CAPTION_MARKER)),
+    ),
+    case(
+        "images-success-a-list",
+        RUN_CAPTION,
+        "<run>/images/_SUCCESS.json: damaged",
+        damage=json_file("images/_SUCCESS.json", []),
+    ),
+    case(
+        "images-labels-not-a-list",
+        RUN_FINETUNE,
+        "<run>/images/labels.json: damaged ('labels' is not a list of class names)",
+        {"stages.finetune.name": "probe"},
+        json_file("images/labels.json", {"column": "label", "labels": 5}),
+    ),
+]
+LOCK = "logs/locks/download-rank0.lock"
+BOOKKEEPING_CASES = [
+    case(
+        "lock-is-a-folder",
+        RUN_CAPTION,
+        "stage caption: <run>/logs/locks/caption-rank0.lock: cannot be used as a lock file (it is a folder",
+        damage=as_folder("logs/locks/caption-rank0.lock"),
+    ),
+    case(
+        "locks-folder-is-a-file",
+        RUN_DOWNLOAD,
+        f"<run>/{LOCK}: cannot be used as a lock file (<run>/logs/locks is a file, not a folder)",
+        damage=as_file("logs/locks"),
+    ),
+    case(
+        "lock-is-a-symlink-to-the-url-table",  # followed, the lock would truncate the URL table
+        RUN_DOWNLOAD,
+        f"<run>/{LOCK}: cannot be used as a lock file (it is a symbolic link",
+        damage=symlink(f"run/{LOCK}", "../../../urls.parquet"),
+    ),
+    case(
+        "runs-log-is-a-folder",
+        "status",
+        "<run>/logs/runs.jsonl: cannot be read (Is a directory)",
+        damage=as_folder("logs/runs.jsonl"),
+    ),
+    case(
+        "runs-log-is-a-folder-seen-by-run",
+        RUN_CAPTION,
+        "stage caption: cannot write <run>/logs/runs.jsonl (Is a directory)",
+        damage=as_folder("logs/runs.jsonl"),
+    ),
+    case(
+        "runs-log-line-a-list",
+        "status",
+        "<run>/logs/runs.jsonl: line 6 is not a run record (not a JSON object)",
+        damage=lambda c: [_append(c.run / "logs" / "runs.jsonl", "[1, 2]\n")],
+    ),
+    case(
+        "runs-log-line-without-rank",
+        "status",
+        "<run>/logs/runs.jsonl: line 6 is not a run record (field 'rank': field required)",
+        damage=lambda c: [_append(c.run / "logs" / "runs.jsonl", '{"stage": "download", "started": 1}\n')],
+    ),
+    case(
+        "slurm-jobs-a-list",
+        "status",
+        "<run>/slurm/jobs.json: not a record of submitted jobs (not a JSON object)",
+        damage=json_file("slurm/jobs.json", []),
+    ),
+    case(
+        "slurm-jobs-entry-a-number",
+        "status",
+        "<run>/slurm/jobs.json: not a record of submitted jobs (field 'download'",
+        damage=json_file("slurm/jobs.json", {"download": 5}),
+    ),
+    case(
+        "resolved-manifest-is-a-folder",
+        RUN_DOWNLOAD,
+        "run: cannot write <run>/manifest.resolved.yaml (Is a directory)",
+        damage=as_folder("manifest.resolved.yaml"),
+    ),
+    case(
+        "manifest-is-a-folder",
+        "validate <folder>/mdir",
+        "<folder>/mdir: cannot be read as a manifest (Is a directory)",
+        damage=make_dirs("mdir"),
+    ),
+    case(
+        "manifest-not-utf8",
+        "validate <folder>/m8.yaml",
+        "<folder>/m8.yaml: not UTF-8 text (byte 15)",
+        damage=write("m8.yaml", "run: {root: caf\xe9}\n".encode("latin-1")),
+    ),
+    case(
+        "manifest-too-large",
+        "validate <folder>/big.yaml",
+        "<folder>/big.yaml: larger than 1048576 bytes",
+        damage=write("big.yaml", "#" * (2 << 20)),
+    ),
+    case(
+        "manifest-root-is-a-file",
+        VALIDATE,
+        "run.root: <folder>/urls.parquet is a file, not a folder",
+        {"run.root": "urls.parquet"},
+    ),
+]
+EXPORT = "export --captions retrieval --to"
+INSPECT = "inspect --captions retrieval"
+EXPORT_CASES = [
+    case(
+        "export-to-the-images-folder",
+        f"{EXPORT} <run>/images",
+        "export --to <run>/images: is inside the run root <run>, which the pipeline owns",
+    ),
+    case("export-to-the-run-root", f"{EXPORT} <run>", "export --to <run>: is inside the run root <run>"),
+    case(
+        "export-to-a-link-into-the-run",
+        f"{EXPORT} <folder>/link",
+        "export --to <folder>/link: is inside the run root <run>",
+        damage=symlink("link", "run/captions/retrieval"),
+    ),
+    case(
+        "export-into-another-run-root",
+        f"{EXPORT} <folder>/other/images",
+        "export --to <folder>/other/images: is inside the run root <folder>/other",
+        damage=write("other/manifest.resolved.yaml", "run: {root: .}\n"),
+    ),
+    case(
+        "export-to-an-input-folder",
+        f"{EXPORT} <folder>/eval/out",
+        "export --to <folder>/eval/out: is inside <folder>/eval, which the manifest reads",
+        {"stages.evaluate.knn.data.path": "eval"},
+        copy_of_eval,
+    ),
+    case(
+        "export-over-an-input-file",
+        f"{EXPORT} <folder>/out",
+        "export --to <folder>/out: would overwrite <folder>/out/sizes.json, which the manifest reads",
+        {"stages.evaluate.zero_shot.class_names": "out/sizes.json"},
+        write("out/sizes.json", json.dumps({"red": "r", "green": "g", "blue": "b"})),
+    ),
+    case(
+        "export-to-a-file",
+        f"{EXPORT} <folder>/urls.parquet",
+        "<folder>/urls.parquet: is a file, not a folder",
+    ),
+    case(
+        "export-below-a-file",
+        f"{EXPORT} <folder>/urls.parquet/out",
+        "export --to <folder>/urls.parquet/out: <folder>/urls.parquet is a file, not a folder",
+    ),
+    case(
+        "export-shard-name-is-a-folder",
+        f"{EXPORT} <folder>/out",
+        "export: cannot write <folder>/out/000000.tar (Is a directory)",
+        damage=make_dirs("out/000000.tar"),
+    ),
+    case(
+        "export-captions-dotdot",
+        "export --captions ../../images --to <folder>/out",
+        "caption set '../../images' is not a plain folder name",
+    ),
+    case(
+        "export-captions-not-made",
+        "export --captions nope --to <folder>/out",
+        "caption set 'nope' is not complete in <run>/captions/nope",
+    ),
+]
+INSPECT_CASES = [
+    case(
+        "inspect-out-the-images-folder",
+        f"{INSPECT} --out <run>/images",
+        "inspect --out <run>/images: is inside the run root <run>, which the pipeline owns",
+    ),
+    case(
+        "inspect-out-a-file", f"{INSPECT} --out <folder>/m.yaml", "inspect --out <folder>/m.yaml: is a file"
+    ),
+    case(
+        "inspect-out-page-is-a-folder",
+        f"{INSPECT} --out <folder>/page",
+        "inspect: cannot write <folder>/page/index.html (Is a directory)",
+        damage=make_dirs("page/index.html"),
+    ),
+    case(
+        "inspect-out-over-an-input-file",
+        f"{INSPECT} --out <folder>/out",
+        "inspect --out <folder>/out: would overwrite <folder>/out/index.html, which the manifest reads",
+        {
+            "stages.evaluate.text_to_image": {
+                "layout": "karpathy",
+                "path": "out/index.html",
+                "image_root": "ASSETS_EVAL",
+            }
+        },
+        write("out/index.html", karpathy([_entry()])),
+    ),
+    case("inspect-captions-dotdot", "inspect --captions ..", "caption set '..' is not a plain folder name"),
+    case(
+        "inspect-samples-0", f"{INSPECT} --samples 0", "inspect: --samples must be between 1 and 5000, got 0"
+    ),
+    case("inspect-samples-too-many", f"{INSPECT} --samples 100000", "--samples must be between 1 and 5000"),
+    case(
+        "inspect-caption-parquet-edited-mtime-put-back",
+        f"{INSPECT} --shards 000000",
+        "caption unit 000000: <run>/captions/retrieval/000000.parquet content (sha256) differs",
+        damage=edited_keeping_mtime("captions/retrieval/000000.parquet"),
+    ),
+    case(
+        "inspect-half-cut-tar",
+        "inspect --shards 000000",
+        "download unit 000000: <run>/images/000000.tar size",
+        damage=cut("images/000000.tar"),
+    ),
+    case(
+        "inspect-half-cut-tar-under-captions",
+        f"{INSPECT} --shards 000001",
+        ("download unit 000001: <run>/images/000001.tar size", "--repair` redoes it"),
+        damage=cut("images/000001.tar"),
+    ),
+    case(
+        "inspect-marker-cut",
+        f"{INSPECT} --shards 000000",
+        f"<run>/{CAPTION_MARKER}: marker is not valid JSON",
+        damage=cut(CAPTION_MARKER),
+    ),
+    case(
+        "inspect-marker-a-list",
+        "inspect --shards 000001",
+        "<run>/images/_done/000001.json: marker is not a JSON object (a list)",
+        damage=json_file("images/_done/000001.json", []),
+    ),
+    case(
+        "inspect-caption-shard-of-numbers",
+        f"{INSPECT} --shards 000000",
+        "<run>/captions/retrieval/000000.parquet: not a caption shard (column 'captions' is list<",
+        damage=legacy_caption_shard_of_numbers,
+    ),
+    case(
+        "inspect-labels-not-a-list",
+        "inspect",
+        "<run>/images/labels.json: damaged ('labels' is not a list of class names)",
+        damage=json_file("images/labels.json", {"column": "label", "labels": {"a": 1}}),
+    ),
+]
 
 CASES = [
     # -- the manifest itself ------------------------------------------------------------------------
@@ -1051,6 +1493,10 @@ CASES = [
         "<run>/realign/mcip/final/model.pt",
         damage=cut("realign/mcip/final/model.pt"),
     ),
+    *MARKER_CASES,
+    *BOOKKEEPING_CASES,
+    *EXPORT_CASES,
+    *INSPECT_CASES,
 ]
 
 
@@ -1119,7 +1565,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(made, copy_of_made, ca
     skip = bad.damage(c) if bad.damage else []
     before = digests(c.run, tuple(skip))
     for name, value in bad.env.items():
-        monkeypatch.setenv(name, value)
+        monkeypatch.setenv(name, _expected(value, c.folder, c.assets))
 
     command = [_expected(arg, c.folder, c.assets) for arg in bad.command]
     argv = (
@@ -1195,7 +1641,113 @@ def test_a_cut_evaluation_cache_is_computed_again(made, copy_of_made, capsys):
     assert "damaged cache" in err
 
 
-def test_the_suite_has_at_least_60_cases():
-    assert len(CASES) >= 60
+def test_the_suite_has_at_least_160_cases():
+    assert len(CASES) >= 160
     stages = {p.id.split("-")[0] for p in CASES}
     assert {"download", "images", "caption", "finetune", "realign", "evaluate"} <= stages
+
+
+INSPECT_DAMAGE = {
+    "caption-parquet-edited-mtime-put-back": (
+        edited_keeping_mtime("captions/retrieval/000000.parquet"),
+        "<run>/captions/retrieval/000000.parquet content (sha256) differs from its marker",
+    ),
+    "caption-marker-cut": (cut(CAPTION_MARKER), f"<run>/{CAPTION_MARKER}: marker is not valid JSON"),
+    "caption-marker-a-list": (json_file(CAPTION_MARKER, []), "marker is not a JSON object (a list)"),
+    "image-tar-half-cut": (cut("images/000000.tar"), "<run>/images/000000.tar size 10240 != 20480"),
+}
+
+
+@pytest.mark.parametrize("kind", list(INSPECT_DAMAGE))
+def test_inspect_names_a_damaged_unit_and_shows_the_others(made, copy_of_made, capsys, kind):
+    """As `status` does: the page (exit 0) leaves unit 000000 out and names it with what differs and
+    the repair command; the summary and cards are the other unit's alone; stderr says it too."""
+    c = copy_of_made
+    damage, problem = INSPECT_DAMAGE[kind]
+    damage(c)
+    code, out, err = _call(["inspect", str(c.folder / "m.yaml"), "--captions", "retrieval"], capsys)
+    assert code == 0, err[-3000:]
+    text = (c.run / "inspect" / "captions-retrieval" / "index.html").read_text()
+    damaged = text[text.index("<section id='damaged'>") : text.index('<section id="summary">')]
+    assert "1 damaged unit left out" in damaged and "damaged unit 000000: " in damaged
+    assert html.escape(_expected(problem, c.folder, c.assets)) in damaged
+    assert html.escape(f"`mcip run {c.folder / 'm.yaml'} --repair` redoes them") in damaged
+    assert "<b>3</b> images in the chosen shards" in text and text.count("class='card'") == 3
+    assert "000001/" in text and "000000/" not in text
+    assert "of 3 images shown (all of the chosen shards)" in text
+    assert "inspect: 1 damaged unit(s) left out" in err and _expected(problem, c.folder, c.assets) in err
+
+
+def test_inspect_cuts_a_long_caption_and_says_how_many_were_sampled(made, copy_of_made, capsys):
+    """A 50,000-character caption (in a shard whose marker records it, as a stage that wrote it
+    would) is shown cut to 10,000 with a note; the counter says 4 of 6 images were sampled."""
+    from shards import markers, verify
+
+    c = copy_of_made
+    folder = c.run / "captions" / "retrieval"
+    rows = pq.read_table(folder / "000000.parquet").to_pylist()
+    long_caption = "a red " + "x" * 49_994
+    rows[0]["captions"] = [long_caption, *rows[0]["captions"][1:]]
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=pq.read_schema(folder / "000000.parquet")),
+        folder / "000000.parquet",
+    )
+    marker = markers.read_marker(folder, "000000")
+    marker["outputs"] = verify.outputs_record(folder, [folder / "000000.parquet"])
+    markers.write_marker(folder, "000000", marker)
+
+    page = c.folder / "page"
+    argv = [
+        "inspect",
+        str(c.folder / "m.yaml"),
+        "--captions",
+        "retrieval",
+        "--samples",
+        "4",
+        "--out",
+        str(page),
+    ]
+    code, _, err = _call(argv, capsys)
+    assert code == 0, err[-3000:]
+    text = (page / "index.html").read_text()
+    assert "[cut: 50,000 characters in all, the first 10,000 shown]" in text
+    assert "x" * 9_994 in text and "x" * 9_995 not in text
+    assert len(text) < 200_000
+    assert "of 4 sampled images shown (the first 4 of 6 in the chosen shards)" in text
+
+
+def test_a_hash_cache_entry_that_is_not_ours_is_hashed_again(made, copy_of_made, capsys, monkeypatch):
+    """`$MCIP_CACHE_DIR/sha256/*.json` that are valid JSON but not entries (`[]`): ignored, hashed
+    again and rewritten; `status` works."""
+    c = copy_of_made
+    cache = c.folder / "cache"
+    monkeypatch.setenv("MCIP_CACHE_DIR", str(cache))
+    assert _call(["status", str(c.folder / "m.yaml")], capsys)[0] == 0
+    entries = sorted((cache / "sha256").glob("*.json"))
+    assert entries
+    for entry in entries:
+        entry.write_text("[]")
+    monkeypatch.setattr(identity, "_memory", {})  # as a new process: only the files remember
+    code, out, err = _call(["status", str(c.folder / "m.yaml")], capsys)
+    assert code == 0 and out.count("[complete]") == 5, err[-3000:]
+    assert all(isinstance(json.loads(e.read_text()), dict) for e in entries)
+
+
+def test_inspect_and_export_write_where_they_may_when_the_manifest_reads_the_run_root(
+    made, copy_of_made, capsys
+):
+    """An evaluation over this run's own shards makes the run root an input; inspect still writes
+    its page into `<root>/inspect/`, and export into a folder beside the run root."""
+    c = copy_of_made
+    data = changed(
+        made["data"],
+        {"stages.evaluate.knn.data": {"layout": "shards", "path": "run"}, "stages.evaluate.knn.k": 3},
+    )
+    manifest = write_manifest(c.folder, data)
+    code, _, err = _call(["inspect", str(manifest)], capsys)
+    assert code == 0 and (c.run / "inspect" / "download" / "index.html").is_file(), err[-3000:]
+    code, _, err = _call(
+        ["export", str(manifest), "--captions", "retrieval", "--to", str(c.folder / "out")], capsys
+    )
+    assert code == 0, err[-3000:]
+    assert json.loads((c.folder / "out" / "sizes.json").read_text()) == {"000000.tar": 3, "000001.tar": 3}

@@ -27,6 +27,7 @@ from captioning.bank_search import (
 )
 from captioning.knn import top_k_above
 from shards import markers
+from shards.marker_schema import CacheMarker
 from stages.caption import RetrievalSection
 from stages.caption.bank import Bank, prepare_bank, prepare_index
 from stages.errors import ShardError
@@ -199,7 +200,7 @@ def test_two_rank_processes_embed_every_chunk_once(tmp_path, tiny_models):
     assert sorted(embedded) == [f"{i:06d}" for i in range(9)]  # 330 / 40 -> 9 chunks, each once
     assert results[1]["embedded"] == ["000001", "000003", "000005", "000007"]
     for chunk in embedded:
-        assert markers.read_marker(cache, chunk)["rank"] == int(chunk) % 2
+        assert markers.read_marker(cache, chunk, CacheMarker)["rank"] == int(chunk) % 2
     assert results[0]["rows"] == results[1]["rows"] == 330
     again = _finish(_rank(tiny_models, cache, bank, 0, 1, 40))
     assert again["embedded"] == []  # a rerun embeds nothing
@@ -257,7 +258,7 @@ def test_ivfpq_index_is_built_once_cached_and_recalls_exact_search(tmp_path, tin
     section = _section(tmp_path / "bank.txt", index="ivfpq", ivf_nlist=64, ivf_nprobe=16, pq_m=16)
     approx = prepare_index(section, bank, 0, seed=0)
     index_file = next(folder.glob("ivfpq-*.faiss"))
-    marker = markers.read_marker(folder, index_file.stem)
+    marker = markers.read_marker(folder, index_file.stem, CacheMarker)
     assert marker["rows"] == 20000 and not list(folder.glob(".*.tmp"))
     mtime = index_file.stat().st_mtime_ns
     approx = prepare_index(section, bank, 0, seed=0)  # cached: not built again

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from examples.tiny_models import WORDS, save_tiny_blip, save_tiny_blip2, save_tiny_llava
+from tests.conftest import FAKE_MARKER
 
 SPECIALS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 CHAT_WORDS = ["user", "assistant", "User:", "Assistant:", "USER:", "ASSISTANT:", "Describe", "sentence."]
@@ -426,7 +427,8 @@ def make_sized_image_shards(root: Path, sizes: list[list[tuple[int, int]]]) -> l
             n += 1
         info = write_tar_atomic(images / f"{s:06d}.tar", samples)
         counts = {"ok": len(samples)}
-        markers.write_marker(images, f"{s:06d}", {"fingerprint": "made-by-test", "counts": counts, **info})
+        marker = {**FAKE_MARKER, "unit": f"{s:06d}", "counts": counts, **info}
+        markers.write_marker(images, f"{s:06d}", marker)
         keys.append([k for k, _ in samples])
     markers.write_success(images, {"stage": "download", "fingerprint": "made-by-test"})
     return keys

@@ -75,8 +75,9 @@ def test_remove_orphans_only_touches_temporary_files(tmp_path):
 
 
 def test_markers_roundtrip_and_bad_json_names_file(tmp_path):
-    markers.write_marker(tmp_path, "000003", {"fingerprint": "abc"})
-    assert markers.read_marker(tmp_path, "000003") == {"fingerprint": "abc"}
+    marker = {"unit": "000003", "fingerprint": "abc", "settings": {"k": 3}}
+    markers.write_marker(tmp_path, "000003", marker)
+    assert markers.read_marker(tmp_path, "000003") == marker
     assert markers.read_marker(tmp_path, "000004") is None
     markers.marker_path(tmp_path, "000005").write_text("{half")
     with pytest.raises(ValueError, match="000005.json"):
@@ -165,3 +166,33 @@ def test_file_hashes_are_cached_by_path_size_and_mtime(tmp_path):
     finally:
         identity.use_cache_dir(None)
         identity._memory.clear()
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("[]", "marker is not a JSON object (a list)"),
+        ('"done"', "marker is not a JSON object (a str)"),
+        ('{"unit": "000003", "fingerprint": "abc"}', "marker field 'settings': field required"),
+        (
+            '{"unit": "000004", "fingerprint": "abc", "settings": {}}',
+            "marker is for unit '000004', not '000003'",
+        ),
+        (
+            '{"unit": "000003", "fingerprint": "abc", "settings": {}, "outputs": {"a.tar": {"bytes": "5"}}}',
+            "marker field 'outputs.a.tar.bytes': input should be a valid integer",
+        ),
+        (
+            '{"unit": "000003", "fingerprint": "x", "settings": {}, "outputs": {"/x": {"bytes": 5}}}',
+            "'/x' is not a path inside the stage folder",
+        ),
+    ],
+)
+def test_a_marker_that_is_not_a_marker_of_its_unit_names_its_file(tmp_path, content, problem):
+    markers.marker_path(tmp_path, "000003").parent.mkdir(parents=True, exist_ok=True)
+    markers.marker_path(tmp_path, "000003").write_text(content)
+    with pytest.raises(markers.MarkerError) as err:
+        markers.read_marker(tmp_path, "000003")
+    assert str(err.value).startswith(f"{markers.marker_path(tmp_path, '000003')}: ") and problem in str(
+        err.value
+    )

@@ -66,7 +66,7 @@ def test_failure_reasons_are_short_and_countable(message, reason):
 def test_a_damaged_marker_is_a_shard_error_naming_its_file(tmp_path):
     from stages.errors import ShardError
 
-    markers.write_marker(tmp_path, "000000", {"fingerprint": "x"})
+    markers.write_marker(tmp_path, "000000", {"unit": "000000", "fingerprint": "x", "settings": {}})
     markers.marker_path(tmp_path, "000001").write_text('{"fingerprint": "x", "cou')  # cut off by a crash
     with pytest.raises(ShardError, match=r"_done/000001.json: marker is not valid JSON .*delete it to redo"):
         plan_units("caption", tmp_path, ["000000", "000001"], {"a": 1}, RunContext(tmp_path))
