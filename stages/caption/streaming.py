@@ -109,7 +109,7 @@ class _Stream:
             self._write(unit, self.shards.pop(unit))
 
     def _write(self, unit: str, shard: _Shard) -> None:
-        from stages.caption.work import _results
+        from stages.caption.work import image_results
 
         cfg, sent = self.cfg, [im for im in shard.images if im.outcome is not None]
         results = []
@@ -121,7 +121,7 @@ class _Stream:
             )
             embeddings = torch.stack([im.embedding for im in sent]) if self.scorer else None
             items = [im.item for im in sent]
-            results = _results(cfg, self.scorer, items, items, raw, embeddings)
+            results = image_results(cfg, self.scorer, items, items, raw, embeddings)
         answered = iter(results)
         for image in shard.images:
             item = image.item

@@ -108,7 +108,7 @@ class _ShardWriter:
         corrupt: bool,
         failure: str | None = None,
     ) -> None:
-        failure = failure or getattr(captions, "failed", None)  # see `_results`
+        failure = failure or getattr(captions, "failed", None)  # see `image_results`
         dropped = [vars(d) for d in getattr(captions, "dropped", ())]  # see `_Kept`
         row = {"key": key, "captions": list(captions), "scores": scores, **self.constant, "dropped": dropped}
         self.add_row(unit, {**row, "failure": failure}, corrupt)
@@ -224,7 +224,7 @@ def _search_pending(cfg, captioner, scorer, pending: list[tuple]):
             stop = start + len(ok)
             part = CaptionBatchResult(raw.captions[start:stop], raw.scores[start:stop], raw.prompts)
             start = stop
-        yield items, images, _results(cfg, scorer, images, ok, part, scorer_embeddings)
+        yield items, images, image_results(cfg, scorer, images, ok, part, scorer_embeddings)
 
 
 def _caption_batch(
@@ -239,10 +239,10 @@ def _caption_batch(
         torch.manual_seed(_batch_seed(seed, ok[0]["key"]))
         raw = captioner.caption(tensors[0], [item["alt"] for item in ok])
         scorer_embeddings = scorer.encode_images(tensors[1]) if scorer else None
-    return _results(cfg, scorer, items, ok, raw, scorer_embeddings)
+    return image_results(cfg, scorer, items, ok, raw, scorer_embeddings)
 
 
-def _results(
+def image_results(
     cfg, scorer, items: list[dict], ok: list[dict], raw: CaptionBatchResult | None, scorer_embeddings
 ):
     """Score (with the scorer's image embeddings, when there is a scorer), clean and filter the
