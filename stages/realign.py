@@ -8,8 +8,8 @@ Writes `embeddings/<name>/<shard>.npy` (image embeddings of the fine-tuned image
 Run    `python -m stages.realign MANIFEST` (or under torchrun with `deepspeed:`).
 
 Trained: the last `unlocked_layers` text blocks, the final LayerNorm, the text projection and the
-logit scale (clamped to [0, ln 100]), with symmetric InfoNCE against the frozen image embeddings;
-negatives are gathered across ranks (shared/METHOD.md).
+logit scale (clamped to [0, ln 100], or to [0, the loaded scale] when that is higher), with symmetric
+InfoNCE against the frozen image embeddings; negatives are gathered across ranks (shared/METHOD.md).
 """
 
 from __future__ import annotations

@@ -74,6 +74,7 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
     optimizer = adamw(
         clip.model.named_parameters(), {}, cfg.betas, cfg.eps, cfg.weight_decay, decay_matrices_only=True
     )
+    ceiling = logit_scale_ceiling(clip.model)
     model, optimizer = engine.prepare(clip.model, optimizer)
     loop_plan = LoopPlan(
         plan.stage_dir,
@@ -97,7 +98,7 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
         optimizer,
         loop_plan,
         batches,
-        lambda b: _loss(engine.unwrap(model), b, engine.device, cfg.loss),
+        lambda b: _loss(engine.unwrap(model), b, engine.device, cfg.loss, ceiling),
     )
     if result.stopped_by_signal or result.step < total:
         return
@@ -111,9 +112,17 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
     )
 
 
-def _loss(model, batch: dict, device, loss: str = "infonce") -> tuple[torch.Tensor, dict]:
-    with torch.no_grad():  # METHOD.md: the learnable logit scale stays in [0, ln 100]
-        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+def logit_scale_ceiling(model) -> float:
+    """METHOD.md keeps the learnable logit scale in [0, ln 100]; a model loaded with a higher one of
+    its own (a SigLIP checkpoint's can be) keeps that as its ceiling instead of being cut at step 1."""
+    return max(MAX_LOGIT_SCALE, float(model.logit_scale.detach().max()))
+
+
+def _loss(
+    model, batch: dict, device, loss: str = "infonce", ceiling: float = MAX_LOGIT_SCALE
+) -> tuple[torch.Tensor, dict]:
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, ceiling)
     text_emb = model.encode_text(batch["tokens"].to(device))
     image_emb = batch["emb"].to(device, text_emb.dtype)
     images, texts, scale = gather_with_grad(image_emb), gather_with_grad(text_emb), model.logit_scale.exp()

@@ -4,6 +4,7 @@ and 2 processes under DeepSpeed ZeRO-2 (gloo) through torchrun."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -303,3 +304,33 @@ def test_one_process_without_torchrun_trains_both_stages_under_deepspeed(tmp_pat
     realigned = _state(tmp_path / "run" / "realign" / "mcip" / "final" / "model.pt")
     assert torch.equal(realigned["visual.conv1.weight"], finetuned["visual.conv1.weight"])
     assert not torch.equal(realigned["text_projection"], finetuned["text_projection"])
+
+
+@pytest.mark.parametrize("loss", ["infonce", "siglip"])
+def test_realign_clamps_the_logit_scale_no_lower_than_the_loaded_one(tiny_models, loss):
+    """ln 100 is the ceiling unless the loaded model's own scale is higher: that one is kept."""
+    from stages.training.model import build_model
+    from stages.training.realigning import _loss, logit_scale_ceiling
+
+    clip = build_model(
+        tiny_models["clip_arch"], str(tiny_models["clip_checkpoint"]), str(tiny_models["clip_configs"]), "cpu"
+    )
+    model = clip.model
+    if loss == "siglip":
+        model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+    tokens = clip.tokenizer(["alt 0", "alt 1"])
+    with torch.no_grad():
+        batch = {"tokens": tokens, "emb": torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)}
+
+    def scale_at_step(loaded: float, now: float) -> float:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(loaded))
+        ceiling = logit_scale_ceiling(model)
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(now))  # where training took it
+        return float(_loss(model, batch, "cpu", loss, ceiling)[1]["logit_scale"])
+
+    assert scale_at_step(200, 200) == pytest.approx(200, rel=1e-5)  # kept, not cut to 100 at step 1
+    assert scale_at_step(200, 300) == pytest.approx(200, rel=1e-5)
+    assert scale_at_step(50, 150) == pytest.approx(100, rel=1e-5)  # METHOD.md's ln 100
+    assert scale_at_step(50, 70) == pytest.approx(70, rel=1e-5)
