@@ -63,7 +63,8 @@ def global_batch_plan(stage: str, cfg, ctx: RunContext, out: Path, fingerprint: 
     if global_batch % (micro * world):
         source = f"kept from {saved[0]}" if saved else f"{stage}.global_batch"
         fits = [n for n in range(1, global_batch // micro + 1) if global_batch % (micro * n) == 0]
-        hint = f"run on {' or '.join(map(str, fits[-4:]))} processes" if fits else "change batch_size"
+        counts = " or ".join(map(str, fits[-4:]))
+        hint = f"run on {counts} process{'es' if fits[-1] > 1 else ''}" if fits else "change batch_size"
         raise StageConfigError(
             f"{stage}: the global batch of {global_batch} samples ({source}) is not batch_size {micro} x "
             f"{world} processes x a whole number of accumulation steps; {hint}, or set batch_size "

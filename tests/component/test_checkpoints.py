@@ -272,3 +272,39 @@ def test_worker_that_starts_after_its_agent_died_exits(tmp_path):
     finally:
         if worker and _is_running(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_a_global_batch_that_cannot_be_kept_is_one_line_before_any_step(
+    tmp_path, tiny_models, finished, capsys, monkeypatch
+):
+    """The checkpoints were trained with a global batch of 4 (batch 4 x 1 process): 3 processes cannot
+    keep it; a different `global_batch` is other settings. Either way one line, nothing trained."""
+    _copy(finished, tmp_path, tiny_models)
+    zero2 = str(REPO / "launch" / "deepspeed" / "zero2.json")
+    metrics = (_out(tmp_path) / "metrics.jsonl").read_text()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    capsys.readouterr()
+    assert (
+        cli(
+            [
+                "run",
+                str(_manifest(tmp_path, tiny_models, finetune={**SETTINGS, "deepspeed": zero2})),
+                "--stage",
+                "finetune",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: finetune: the global batch of 4 samples (kept from ")
+    assert "batch_size 4 x 3 processes" in err[-1] and "run on 1 process," in err[-1], err[-1]
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    manifest = _manifest(tmp_path, tiny_models, finetune={**SETTINGS, "global_batch": 8})
+    assert cli(["run", str(manifest), "--stage", "finetune"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1].startswith("error: ") and "was made with other settings" in err[-1] and "--force" in err[-1]
+    )
+    assert (_out(tmp_path) / "metrics.jsonl").read_text() == metrics  # no step was taken
