@@ -44,9 +44,18 @@ from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
-from shards.atomic import fsync_dir, write_json_atomic, write_text_atomic
+from shards.atomic import fsync_dir, write_json_atomic
 from stages.errors import ShardError, StageConfigError
-from stages.training.engine import gather_ints, min_over_ranks
+from stages.training.engine import min_over_ranks
+from stages.training.records import (
+    SAMPLES_FILE,
+    board_scalars,
+    engine_grad_norm,
+    keep_metrics_until,
+    local_grad_norm,
+    record_samples,
+    tensorboard_writer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +196,7 @@ def run_loop(
             for group in _groups(batches(epoch, position), plan.accumulation):
                 step = _train_step(engine, model, optimizer, plan, group, compute_loss, step, metrics, board)
                 if plan.record_samples:
-                    _record_samples(engine, group, epoch, step, ledger)
+                    record_samples(engine, group, epoch, step, ledger)
                 progress.update(1)
                 if stop.raised is not None or step % plan.checkpoint_every == 0 or step == plan.total_steps:
                     save_checkpoint(engine, plan, step)
@@ -203,9 +212,6 @@ def run_loop(
     return LoopResult(step, stopped, step * plan.samples_per_step(engine.world_size))
 
 
-SAMPLES_FILE = "samples.jsonl"
-
-
 def _groups(micro_batches: Iterable, size: int) -> Iterator[list]:
     """Consecutive lists of `size` micro batches (a last, shorter one is dropped: never a part step)."""
     group: list = []
@@ -214,16 +220,6 @@ def _groups(micro_batches: Iterable, size: int) -> Iterator[list]:
         if len(group) == size:
             yield group
             group = []
-
-
-def _record_samples(engine, group: list, epoch: int, step: int, ledger) -> None:
-    """Every rank's dataset indexes of this step, one row on rank 0 (all ranks call this)."""
-    import torch
-
-    indexes = gather_ints(torch.cat([batch["index"] for batch in group]), engine.device)
-    if ledger is not None:
-        ledger.write(json.dumps({"step": step, "epoch": epoch, "indexes": sorted(indexes.tolist())}) + "\n")
-        ledger.flush()
 
 
 def _train_step(
@@ -240,7 +236,7 @@ def _train_step(
         losses.append(loss.item())
         for name, value in terms.items():
             parts[name] = parts.get(name, 0.0) + float(value) / len(group)
-    grad_norm = _local_grad_norm(model) if board is not None else None
+    grad_norm = local_grad_norm(model) if board is not None else None
     engine.step()
     if metrics is not None:
         row = {
@@ -254,66 +250,10 @@ def _train_step(
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
         if board is not None:
-            _board_scalars(
-                board, row, _engine_grad_norm(model, grad_norm), plan.samples_per_step(engine.world_size)
+            board_scalars(
+                board, row, engine_grad_norm(model, grad_norm), plan.samples_per_step(engine.world_size)
             )
     return step + 1
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Cut `metrics.jsonl` back to one row per step for steps 1..`step` (the checkpoint resumed from):
-    rows of the steps a crashed run took after it are trained again, and a line the crash cut off is
-    dropped. Rewritten by rename, and only when something changes."""
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return
-    rows: dict[int, str] = {}
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            rows[row["step"]] = line  # the latest run's row of a step repeated by older resumes
-    write_text_atomic(path, "".join(rows[s] + "\n" for s in sorted(rows)))
-
-
-def tensorboard_writer(out: Path, purge_step: int | None = None):
-    """A TensorBoard `SummaryWriter` into `<out>/tensorboard/`, or None when tensorboard is not installed.
-    With `purge_step`, TensorBoard drops the events of earlier runs at that step and later ones."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
-
-
-def _board_scalars(board, row: dict, grad_norm: float | None, samples: int) -> None:
-    """`train/<name>` per metrics.jsonl value (loss terms, lr), grad norm and samples/s at `row["step"]`."""
-    step = row["step"]
-    for name, value in row.items():
-        if name not in ("step", "seconds", "samples_seen"):
-            board.add_scalar(f"train/{name}", value, step)
-    if grad_norm is not None:
-        board.add_scalar("train/grad_norm", grad_norm, step)
-    if row["seconds"] > 0:
-        board.add_scalar("train/samples_per_second", samples / row["seconds"], step)
-
-
-def _local_grad_norm(model) -> float | None:
-    """The L2 norm of this rank's gradients before clipping (None when they live elsewhere, as in ZeRO)."""
-    import torch
-
-    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else None
-
-
-def _engine_grad_norm(model, fallback: float | None) -> float | None:
-    """DeepSpeed's global grad norm of the step just taken, else the norm measured before it."""
-    measure = getattr(model, "get_global_grad_norm", None)
-    value = measure() if callable(measure) else None
-    return float(value) if value is not None else fallback
 
 
 def save_checkpoint(engine, plan: LoopPlan, step: int) -> None:
