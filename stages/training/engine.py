@@ -149,7 +149,9 @@ class DeepSpeedEngine:
             config["bf16"], config["fp16"] = {"enabled": False}, {"enabled": False}
         handlers = [] if on_gpu else [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=10))]
         self.accelerator = Accelerator(
-            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), kwargs_handlers=handlers
+            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config),
+            kwargs_handlers=handlers,
+            gradient_accumulation_steps=accumulation,  # as in the DeepSpeed config (else a warning)
         )
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device

@@ -57,7 +57,7 @@ def board_scalars(board, row: dict, grad_norm: float | None, samples: int) -> No
     """`train/<name>` per metrics.jsonl value (loss terms, lr), grad norm and samples/s at `row["step"]`."""
     step = row["step"]
     for name, value in row.items():
-        if name not in ("step", "seconds", "samples_seen"):
+        if name not in ("step", "seconds"):
             board.add_scalar(f"train/{name}", value, step)
     if grad_norm is not None:
         board.add_scalar("train/grad_norm", grad_norm, step)

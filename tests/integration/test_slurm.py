@@ -286,8 +286,9 @@ def test_training_on_two_nodes_then_requeued_onto_one(two_nodes, tmp_path, tiny_
         cwd=tmp_path,
     )
     out = root / "finetune" / "mcip"
-    wait_until(
+    wait_until(  # DeepSpeed's start on 2 busy cores can take minutes
         lambda: any((out / "ckpt").glob("step-*/meta.json")),
+        timeout=600,
         what="a checkpoint",
         gave_up=cluster.ended(job, job_env()),
     )
@@ -302,7 +303,7 @@ def test_training_on_two_nodes_then_requeued_onto_one(two_nodes, tmp_path, tiny_
     )
     shrunk = cluster.run("scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1", env=job_env())
     assert shrunk.returncode == 0, shrunk.stderr  # what a lost node leaves: one node, one task
-    fields = cluster.wait_final(job, job_env(), timeout=420)
+    fields = cluster.wait_final(job, job_env(), timeout=600)
     log = (tmp_path / f"job-{job}.out").read_text()
     task_logs = {p.name: p.read_text() for p in (root / "logs" / "finetune").glob(f"{job}-node*.log")}
     assert fields["JobState"] == "COMPLETED" and fields["NumNodes"] == "1", log[-3000:]
