@@ -226,8 +226,8 @@ def _train_step(
     engine, model, optimizer, plan: LoopPlan, group: list, compute_loss, step: int, metrics, board=None
 ) -> int:
     lr = plan.lr_at(step)
-    for group_ in optimizer.param_groups:
-        group_["lr"] = lr * group_.get("lr_scale", 1.0)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
     started = time.monotonic()
     losses, parts = [], {}
     for i, batch in enumerate(group):
