@@ -163,7 +163,7 @@ def measure(size: str, args) -> None:
         )
     clip = build_model(*clip_files)
     dataset = dataset_for(work / "run", clip, args.batch)
-    preloaded = list(epoch_loader(dataset, 0, 0, 1, args.batch, workers=0))[: args.steps]
+    preloaded = list(epoch_loader(dataset, 0, 0, 1, args.batch, args.batch, workers=0))[: args.steps]
 
     torch.manual_seed(0)
     plain = timed_steps(
@@ -172,7 +172,7 @@ def measure(size: str, args) -> None:
     module = WithProxies(build_model(*clip_files).model, classes=3)
     mcip = timed_steps(mcip_step(module), preloaded, args.steps)
     step = mcip_step(WithProxies(build_model(*clip_files).model, classes=3))
-    batches = iter(epoch_loader(dataset, 0, 0, 1, args.batch, workers=args.workers))
+    batches = iter(epoch_loader(dataset, 0, 0, 1, args.batch, args.batch, workers=args.workers))
     step(next(batches))  # warm-up, as for the pre-loaded run: workers started, first batches queued
     start = time.perf_counter()
     for _ in range(args.steps):

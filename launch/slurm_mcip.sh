@@ -7,7 +7,10 @@
 #
 # Data stages (download, caption, evaluate): `srun` starts every task of the allocation; each takes its
 # share of the pending shards from SLURM_PROCID/SLURM_NTASKS (and SLURM_ARRAY_TASK_ID in an array).
-# Training stages (finetune, realign): `srun` starts one torchrun per node, rendezvous on the first node.
+# Training stages (finetune, realign): `srun` starts one torchrun per node, rendezvous on the first node
+# (its NodeAddr). A requeued job that restarts on fewer (or more) nodes resumes from the newest
+# checkpoint with the same global batch: more gradient accumulation steps, the engine state converted
+# to the new number of processes (DeepSpeed's universal checkpoint; README "Training on several nodes").
 # On USR1 (sent `signal_lead` seconds before the time limit or on preemption) or TERM, the running step
 # gets USR1: data tasks abandon the current shard (nothing half-written stays), training writes a
 # checkpoint; then the job requeues itself while SLURM_RESTART_COUNT < MCIP_MAX_REQUEUES and the next
@@ -51,9 +54,16 @@ run_data_stage() {  # STAGE LOGDIR
   step=$!
 }
 
+head_address() {  # the first node of the allocation, as SLURM reaches it (NodeAddr; its name otherwise)
+  local head addr
+  head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  addr=$(scontrol show node "$head" -o 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+  echo "${addr:-$head}"
+}
+
 run_training_stage() {  # STAGE LOGDIR
   local head
-  head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  head=$(head_address)
   # one task per node holding all of the node's CPUs: torchrun's workers share them
   srun --export=ALL --ntasks-per-node=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --kill-on-bad-exit=1 \
     --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" \

@@ -33,7 +33,7 @@ class FinetuneConfig(StageConfig):
     """`stages.finetune` in the manifest; defaults are the authors' (shared/METHOD.md)."""
 
     NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
-        {"num_workers", "deepspeed", "device", "checkpoint_every"}
+        {"num_workers", "deepspeed", "device", "checkpoint_every", "global_batch", "record_samples"}
     )
 
     name: str = Field("mcip", pattern=NAME_PATTERN)
@@ -45,7 +45,10 @@ class FinetuneConfig(StageConfig):
     captions_per_image: PositiveInt = 20
     epochs: PositiveInt = 3
     max_steps: PositiveInt | None = None
-    batch_size: PositiveInt = 128  # per process
+    batch_size: PositiveInt = 128  # per process and micro step
+    # samples per optimizer step over all processes: batch_size x processes x gradient accumulation;
+    # default: what the newest checkpoint was trained with, else batch_size x processes
+    global_batch: PositiveInt | None = None
     lr: PositiveFloat = 1.0e-6
     min_lr: float = Field(1.0e-7, ge=0)
     proxy_lr_multiplier: PositiveFloat = 100.0
@@ -60,6 +63,7 @@ class FinetuneConfig(StageConfig):
     max_term_weight: float = Field(0.1, ge=0)
     checkpoint_every: PositiveInt = 500
     num_workers: int = Field(2, ge=0)
+    record_samples: bool = False  # samples.jsonl: every step's sample indexes (an audit; costs a gather)
     deepspeed: ManifestPath | None = None
     device: Device = "cpu"
 
@@ -81,6 +85,7 @@ def settings_of(cfg: FinetuneConfig, root: Path, seed: int) -> dict[str, Any]:
         inputs["captions"] = layout.captioned(cfg.captions).fingerprint
     return {
         **cfg.fingerprint_settings(),
+        **({"global_batch": cfg.global_batch} if cfg.global_batch else {}),  # unset: as before it existed
         "seed": seed,
         "inputs": inputs,
         "pretrained_identity": checkpoint_identity(cfg.pretrained),

@@ -8,8 +8,8 @@ Writes `embeddings/<name>/<shard>.npy` (image embeddings of the fine-tuned image
 Run    `python -m stages.realign MANIFEST` (or under torchrun with `deepspeed:`).
 
 Trained: the last `unlocked_layers` text blocks, the final LayerNorm, the text projection and the
-logit scale (clamped to [0, ln 100]), with symmetric InfoNCE against the frozen image embeddings;
-negatives are gathered across ranks (shared/METHOD.md).
+logit scale (clamped to [0, ln 100], or to [0, the loaded scale] when that is higher), with symmetric
+InfoNCE against the frozen image embeddings; negatives are gathered across ranks (shared/METHOD.md).
 """
 
 from __future__ import annotations
@@ -35,7 +35,15 @@ class RealignConfig(StageConfig):
     """`stages.realign` in the manifest; defaults are the authors' (shared/METHOD.md)."""
 
     NOT_IN_FINGERPRINT: ClassVar[frozenset[str]] = frozenset(
-        {"num_workers", "deepspeed", "device", "checkpoint_every", "embed_batch_size"}
+        {
+            "num_workers",
+            "deepspeed",
+            "device",
+            "checkpoint_every",
+            "embed_batch_size",
+            "global_batch",
+            "record_samples",
+        }
     )
 
     name: str = Field("mcip", pattern=NAME_PATTERN)
@@ -51,7 +59,10 @@ class RealignConfig(StageConfig):
     loss: Literal["infonce", "siglip"] = "infonce"
     epochs: PositiveInt = 1
     max_steps: PositiveInt | None = None
-    batch_size: PositiveInt = 32768  # per process
+    batch_size: PositiveInt = 32768  # per process and micro step (the negatives: batch_size x processes)
+    # samples per optimizer step over all processes: batch_size x processes x gradient accumulation;
+    # default: what the newest checkpoint was trained with, else batch_size x processes
+    global_batch: PositiveInt | None = None
     lr: PositiveFloat = 1.0e-5
     min_lr: float = Field(0.0, ge=0)
     betas: Betas = (0.9, 0.98)
@@ -61,6 +72,7 @@ class RealignConfig(StageConfig):
     checkpoint_every: PositiveInt = 500
     embed_batch_size: PositiveInt = 256
     num_workers: int = Field(2, ge=0)
+    record_samples: bool = False  # samples.jsonl: every step's sample indexes (an audit; costs a gather)
     deepspeed: ManifestPath | None = None
     device: Device = "cpu"
 
@@ -85,6 +97,7 @@ def settings_of(cfg: RealignConfig, root: Path, seed: int) -> dict[str, Any]:
         inputs["captions"] = layout.captioned(cfg.captions).fingerprint
     return {
         **cfg.fingerprint_settings(),
+        **({"global_batch": cfg.global_batch} if cfg.global_batch else {}),  # unset: as before it existed
         "seed": seed,
         "inputs": inputs,
         "source_identity": checkpoint_identity(str(source_model(root, cfg))),

@@ -5,10 +5,13 @@ Reads  `images/<shard>.tar` (random access through each member's offset) and
 Yields per sample: image tensor, class index (`.cls`, -1 without one), up to k captions tokenised
        `[k, context]` with a mask `[k]`.
 
-The order of an epoch is a permutation of all samples seeded by (seed, epoch); rank r takes
-positions r, r + world, ...; a resumed run starts at the very next position of its rank, so no
-sample is skipped or repeated within the epoch. Augmentations are seeded per (seed, epoch, index),
-so they do not depend on the DataLoader worker that produced the sample.
+The order of an epoch is a permutation of all samples seeded by (seed, epoch), cut into global
+batches: step s trains on positions [s*G, (s+1)*G) of it, whatever the number of processes W and the
+gradient accumulation A (G = micro batch B x W x A). Within a step, micro step a of rank r takes the
+B positions starting at s*G + (a*W + r)*B. So the samples of a step depend on the step alone: a run
+resumed from step S on another number of processes starts at position S*G and sees every sample of
+the epoch exactly once across the change. Augmentations are seeded per (seed, epoch, index), so they
+do not depend on the rank or DataLoader worker that produced the sample.
 """
 
 from __future__ import annotations
@@ -111,10 +114,14 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_samples)
 
 
-def rank_positions(order: np.ndarray, rank: int, world_size: int, batch_size: int) -> np.ndarray:
-    """This rank's sample indexes for the epoch, cut to whole batches of equal count on every rank."""
-    per_rank = (len(order) // (world_size * batch_size)) * batch_size
-    return order[rank::world_size][:per_rank]
+def rank_positions(
+    order: np.ndarray, rank: int, world_size: int, micro_batch: int, global_batch: int, start_step: int = 0
+) -> np.ndarray:
+    """This rank's sample indexes for the epoch from global step `start_step` on, micro batch after
+    micro batch; the epoch is cut to whole global batches (the module docstring has the layout)."""
+    steps = len(order) // global_batch
+    grid = order[: steps * global_batch].reshape(steps, -1, world_size, micro_batch)  # [step, A, W, B]
+    return grid[start_step:, :, rank, :].reshape(-1)
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -194,17 +201,19 @@ def epoch_loader(
     epoch: int,
     rank: int,
     world_size: int,
-    batch_size: int,
-    start_position: int = 0,
+    micro_batch: int,
+    global_batch: int,
+    start_step: int = 0,
     workers: int = 2,
 ) -> DataLoader:
-    """Batches of this rank's share of the epoch, from `start_position` (samples already seen) on."""
+    """Micro batches of this rank's share of the epoch, from global step `start_step` on."""
     dataset.epoch = epoch
-    positions = rank_positions(epoch_order(len(dataset), dataset.seed, epoch), rank, world_size, batch_size)
+    order = epoch_order(len(dataset), dataset.seed, epoch)
+    positions = rank_positions(order, rank, world_size, micro_batch, global_batch, start_step)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=positions[start_position:].tolist(),
+        batch_size=micro_batch,
+        sampler=positions.tolist(),
         num_workers=workers,
         drop_last=True,
         persistent_workers=False,
@@ -212,5 +221,5 @@ def epoch_loader(
     )
 
 
-def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
-    return num_samples // (world_size * batch_size)
+def steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    return num_samples // global_batch

@@ -8,9 +8,16 @@ silently drop DeepSpeed. Launch several processes with `torchrun --nproc_per_nod
 started without torchrun, the engine makes the one-process group `torchrun --nproc_per_node 1` would
 (the demo trains this way), and each training stage of a run gets a fresh accelerate state.
 
-    engine = make_engine(deepspeed_config="launch/deepspeed/zero2.json", micro_batch=32, grad_clip=1.0)
+    engine = make_engine(deepspeed_config="launch/deepspeed/zero2.json", micro_batch=32, grad_clip=1.0,
+                         accumulation=2)
     model, optimizer = engine.prepare(model, optimizer)
-    engine.backward(loss); engine.step()
+    engine.backward(loss_1, is_last=False); engine.backward(loss_2, is_last=True); engine.step()
+
+Gradient accumulation: `accumulation` micro batches per optimizer step, each loss a mean over its
+micro batch, the gradient their mean. A checkpoint written by another number of processes is loaded
+through DeepSpeed's universal checkpoint: rank 0 converts the ZeRO files once with DeepSpeed's own
+`ds_to_universal` into `<checkpoint>/universal/`, and every rank loads its new partition from there
+(`checkpoint.load_universal`, docs: deepspeed.ai/tutorials/universal-checkpointing).
 """
 
 from __future__ import annotations
@@ -33,13 +40,13 @@ class Engine(Protocol):
 
     def prepare(self, model, optimizer): ...
 
-    def backward(self, loss: torch.Tensor) -> None: ...
+    def backward(self, loss: torch.Tensor, is_last: bool = True) -> None: ...
 
     def step(self) -> None: ...
 
     def save(self, folder: Path) -> None: ...
 
-    def load(self, folder: Path) -> None: ...
+    def load(self, folder: Path, saved_world_size: int | None = None) -> None: ...
 
     def unwrap(self, model): ...
 
@@ -53,6 +60,16 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(tensor), dim=0)
+
+
+def gather_ints(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every rank's equally long int64 vector, concatenated in rank order (all ranks must call it)."""
+    values = values.to(device=device, dtype=torch.int64)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values.cpu()
+    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, values)
+    return torch.cat(parts).cpu()
 
 
 def min_over_ranks(value: int, device: torch.device) -> int:
@@ -71,16 +88,16 @@ class PlainEngine:
 
     rank, world_size = 0, 1
 
-    def __init__(self, grad_clip: float | None, device: str = "cpu") -> None:
-        self.grad_clip, self.device = grad_clip, torch.device(device)
+    def __init__(self, grad_clip: float | None, device: str = "cpu", accumulation: int = 1) -> None:
+        self.grad_clip, self.device, self.accumulation = grad_clip, torch.device(device), accumulation
         self.model = self.optimizer = None
 
     def prepare(self, model, optimizer):
         self.model, self.optimizer = model.to(self.device), optimizer
         return self.model, self.optimizer
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor, is_last: bool = True) -> None:
+        (loss / self.accumulation).backward()
 
     def step(self) -> None:
         if self.grad_clip:
@@ -94,7 +111,7 @@ class PlainEngine:
         with atomic_write(folder / "state.pt") as handle:
             torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}, handle)
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, saved_world_size: int | None = None) -> None:
         state = torch.load(folder / "state.pt", map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -110,7 +127,9 @@ class DeepSpeedEngine:
     """DeepSpeed ZeRO (stage from the config file) through accelerate; gradient clipping is done by
     DeepSpeed after unscaling."""
 
-    def __init__(self, config: dict, micro_batch: int, grad_clip: float | None) -> None:
+    def __init__(
+        self, config: dict, micro_batch: int, grad_clip: float | None, accumulation: int = 1
+    ) -> None:
         from accelerate import Accelerator, DeepSpeedPlugin
         from accelerate.state import AcceleratorState
         from accelerate.utils import InitProcessGroupKwargs
@@ -123,14 +142,16 @@ class DeepSpeedEngine:
         config = {
             **config,
             "train_micro_batch_size_per_gpu": micro_batch,
-            "gradient_accumulation_steps": 1,
+            "gradient_accumulation_steps": accumulation,
             "gradient_clipping": grad_clip or 0.0,
         }
         if not on_gpu:  # no mixed precision on CPU
             config["bf16"], config["fp16"] = {"enabled": False}, {"enabled": False}
         handlers = [] if on_gpu else [InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=10))]
         self.accelerator = Accelerator(
-            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), kwargs_handlers=handlers
+            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config),
+            kwargs_handlers=handlers,
+            gradient_accumulation_steps=accumulation,  # as in the DeepSpeed config (else a warning)
         )
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.device = self.accelerator.device
@@ -140,29 +161,91 @@ class DeepSpeedEngine:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         return self.model, self.optimizer
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+    def backward(self, loss: torch.Tensor, is_last: bool = True) -> None:
+        """DeepSpeed divides by the accumulation steps and steps at the last micro batch: the boundary
+        is told explicitly, not left to accelerate's own counting (which the loop does not use)."""
+        self.accelerator.deepspeed_engine_wrapped.backward(loss, sync_gradients=is_last)
 
     def step(self) -> None:
-        self.optimizer.step()
+        self.optimizer.step()  # no-ops under DeepSpeed (the step was taken in backward); kept for clarity
         self.optimizer.zero_grad()
 
     def save(self, folder: Path) -> None:
         self.accelerator.save_state(str(folder))
 
-    def load(self, folder: Path) -> None:
+    def load(self, folder: Path, saved_world_size: int | None = None) -> None:
         """Raises when the model states are missing: DeepSpeed would only log a warning and go on
-        with the weights it has (a cut-off or missing ZeRO file raises by itself)."""
-        states = folder / "pytorch_model"  # accelerate's checkpoint tag for the first model
+        with the weights it has (a cut-off or missing ZeRO file raises by itself). Written by another
+        number of processes: through the universal checkpoint (`to_universal`)."""
+        states = folder / DS_TAG
         if not any(states.glob("*model_states.pt")):
             raise FileNotFoundError(f"no DeepSpeed model states in {states}")
-        self.accelerator.load_state(str(folder))
+        if saved_world_size in (None, self.world_size):
+            self.accelerator.load_state(str(folder))
+            return
+        universal, failed = folder / UNIVERSAL, None
+        if self.rank == 0 and not _is_universal(universal / DS_TAG):
+            try:
+                to_universal(states, universal)
+            except Exception as err:  # every rank must reach the barrier before anyone raises
+                failed = err
+        self.barrier()
+        if failed is not None:
+            raise failed
+        if not _is_universal(universal / DS_TAG):
+            raise FileNotFoundError(f"rank 0 could not convert {states} to a universal checkpoint")
+        engine = self.model  # accelerate hands back DeepSpeed's engine as the model
+        # `checkpoint.load_universal` is read at load time only; set for this load, not for the run
+        engine._config.load_universal_checkpoint = True
+        try:
+            path, _ = engine.load_checkpoint(str(universal), tag=DS_TAG)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed loaded nothing from {universal / DS_TAG}")
 
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model)
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
+
+
+DS_TAG = "pytorch_model"  # accelerate's checkpoint tag for the first model
+UNIVERSAL = "universal"  # `<checkpoint>/universal/pytorch_model/`: DeepSpeed's universal checkpoint
+
+
+def _is_universal(folder: Path) -> bool:
+    return (folder / "zero" / "optimizer_state.pt").is_file() and any(folder.glob("*model_states.pt"))
+
+
+def to_universal(states: Path, target: Path) -> None:
+    """DeepSpeed's `ds_to_universal` (in this process, one worker) from the ZeRO files in `states` to
+    `target/pytorch_model/`, written under a temporary name and renamed: a conversion cut off by a
+    crash is made again. `--inject_missing_state`: accelerate does not store the universal
+    checkpoint info DeepSpeed wants (a version tag)."""
+    import argparse
+    import contextlib
+    import io
+    import shutil
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    partial = target.with_name(f".{target.name}-partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(states),
+        output_folder=str(partial / DS_TAG),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints would fill the task log
+        ds_to_universal(args)
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
 
 
 def _one_process_group_unless_launched() -> None:
@@ -189,9 +272,14 @@ def _one_process_group_unless_launched() -> None:
 
 
 def make_engine(
-    deepspeed_config: Path | None, micro_batch: int, grad_clip: float | None, device: str = "cpu"
+    deepspeed_config: Path | None,
+    micro_batch: int,
+    grad_clip: float | None,
+    device: str = "cpu",
+    accumulation: int = 1,
 ) -> Engine:
     """DeepSpeed when a config file is given, plain torch otherwise."""
     if deepspeed_config is None:
-        return PlainEngine(grad_clip, device)
-    return DeepSpeedEngine(json.loads(Path(deepspeed_config).read_text()), micro_batch, grad_clip)
+        return PlainEngine(grad_clip, device, accumulation)
+    config = json.loads(Path(deepspeed_config).read_text())
+    return DeepSpeedEngine(config, micro_batch, grad_clip, accumulation)

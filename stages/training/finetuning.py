@@ -20,24 +20,31 @@ from stages.training.data import (
 from stages.training.loop import LoopPlan, cosine_lr, run_loop
 from stages.training.losses import arc_margin_loss, multi_caption_loss
 from stages.training.model import WithProxies, build_model, freeze_for_finetune
-from stages.training.setup import adamw, drop_stale_checkpoints, engine_for, finish_training
+from stages.training.setup import (
+    adamw,
+    drop_stale_checkpoints,
+    engine_for,
+    finish_training,
+    global_batch_plan,
+)
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
 
-    engine = engine_for(cfg, ctx)
+    global_batch, accumulation = global_batch_plan("finetune", cfg, ctx, plan.stage_dir, plan.fingerprint)
+    engine = engine_for(cfg, ctx, accumulation)
     clip = build_model(cfg.model, cfg.pretrained, cfg.config_dir, str(engine.device))
     freeze_for_finetune(clip.model)
     torch.manual_seed(ctx.seed)  # the same proxies on every rank
     module = WithProxies(clip.model, _class_count(ctx.root))
     dataset = _dataset(cfg, ctx, clip)
-    per_epoch = steps_per_epoch(len(dataset), engine.world_size, cfg.batch_size)
+    per_epoch = steps_per_epoch(len(dataset), global_batch)
     if per_epoch == 0:
         raise StageConfigError(
             f"finetune: {len(dataset)} samples are fewer than one batch of "
-            f"{cfg.batch_size} x {engine.world_size} processes"
+            f"{global_batch} ({cfg.batch_size} x {engine.world_size} processes x {accumulation})"
         )
     total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
     optimizer = adamw(
@@ -57,12 +64,22 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
         cfg.batch_size,
         cfg.checkpoint_every,
         cosine_lr(cfg.lr, cfg.min_lr, total),
+        global_batch=global_batch,
+        accumulation=accumulation,
+        record_samples=cfg.record_samples,
     )
     drop_stale_checkpoints(plan.stage_dir, plan.fingerprint, ctx, engine)
 
     def batches(epoch: int, start: int):
         return epoch_loader(
-            dataset, epoch, engine.rank, engine.world_size, cfg.batch_size, start, cfg.num_workers
+            dataset,
+            epoch,
+            engine.rank,
+            engine.world_size,
+            cfg.batch_size,
+            global_batch,
+            start,
+            cfg.num_workers,
         )
 
     result = run_loop(

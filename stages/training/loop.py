@@ -1,21 +1,27 @@
 """The training loop shared by fine-tuning and re-alignment.
 
-Reads  batches from a `batches(epoch, start_position)` function; the loss from `compute_loss(batch)`.
+Reads  micro batches from a `batches(epoch, start_step)` function (`accumulation` of them per step on
+       each rank); the loss from `compute_loss(batch)`.
 Writes `<out>/ckpt/step-XXXXXXXX/`: every rank writes the engine state into one shared temporary
        folder `<out>/ckpt/.partial-step-XXXXXXXX/`; once all have, rank 0 renames it to `step-XXXXXXXX/`
-       and then writes `meta.json` (step, data position, fingerprint, and every file of the folder with
-       its size) last: a checkpoint counts only when its meta exists. The newest `keep_checkpoints`
-       complete ones are kept.
+       and then writes `meta.json` (step, samples seen, global batch, world size, fingerprint, and every
+       file of the folder with its size) last: a checkpoint counts only when its meta exists. The
+       newest `keep_checkpoints` complete ones are kept.
        `<out>/metrics.jsonl`: one JSON line per step, exactly one per step across restarts (a resume
        from step S first cuts the file back to steps 1..S, dropping a line a crash cut off).
        When tensorboard is installed (the `tensorboard` extra), the same scalars plus grad norm and
        samples/s as TensorBoard events in `<out>/tensorboard/` (`tensorboard --logdir <out>`); a resume
        from step S opens them with `purge_step=S+1`, so TensorBoard drops the steps it saw after S.
+       With `record_samples`, `<out>/samples.jsonl`: per step the dataset indexes of its global batch
+       (gathered from every rank), cut back on resume like metrics.jsonl.
 
 Every step: learning rates from the schedule (cosine per step), backward, clip (in the engine, after
 unscaling), optimizer step. A checkpoint every `checkpoint_every` steps and when SIGUSR1 or SIGTERM
 arrives (then the loop stops and the caller exits, e.g. for a SLURM requeue). A restart resumes from
-the newest complete checkpoint and continues with the very next sample of the epoch. Before that, rank
+the newest complete checkpoint and continues with the very next global batch of the epoch, also on
+another number of processes: the global batch stays (micro batch x processes x accumulation), the
+engine converts the checkpoint (DeepSpeed's universal checkpoint), and the data position and the
+learning rate follow from the step, i.e. from the samples seen. Before that, rank
 0 removes what a crash left: `.partial-*` folders and `step-*` folders without meta.json. A checkpoint
 that cannot be used (meta.json not valid JSON, a file missing or of another size than meta.json says,
 or the engine failing to load it on any rank: the ranks agree through an all-reduce) is skipped with
@@ -38,9 +44,18 @@ from typing import Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
-from shards.atomic import fsync_dir, write_json_atomic, write_text_atomic
+from shards.atomic import fsync_dir, write_json_atomic
 from stages.errors import ShardError, StageConfigError
 from stages.training.engine import min_over_ranks
+from stages.training.records import (
+    SAMPLES_FILE,
+    board_scalars,
+    engine_grad_norm,
+    keep_metrics_until,
+    local_grad_norm,
+    record_samples,
+    tensorboard_writer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +76,16 @@ class LoopPlan:
     fingerprint: str
     steps_per_epoch: int
     total_steps: int
-    batch_size: int  # per rank
+    batch_size: int  # per rank and micro step
     checkpoint_every: int
     lr_at: Callable[[int], float]
     keep_checkpoints: int = 2  # the newest complete ones; older ones are deleted
+    global_batch: int = 0  # samples per optimizer step over all ranks; 0: batch_size x world size
+    accumulation: int = 1  # micro steps per optimizer step
+    record_samples: bool = False  # samples.jsonl: the indexes of every step's global batch
+
+    def samples_per_step(self, world_size: int) -> int:
+        return self.global_batch or self.batch_size * world_size
 
 
 @dataclass
@@ -164,14 +185,18 @@ def run_loop(
     plan.out.mkdir(parents=True, exist_ok=True)
     if is_main:
         keep_metrics_until(plan.out / "metrics.jsonl", step)
+        keep_metrics_until(plan.out / SAMPLES_FILE, step)
     metrics = open(plan.out / "metrics.jsonl", "a") if is_main else None
+    ledger = open(plan.out / SAMPLES_FILE, "a") if is_main and plan.record_samples else None
     board = tensorboard_writer(plan.out, purge_step=step + 1) if is_main else None
     stopped = False
     with _StopFlag() as stop:
         while step < plan.total_steps and not stopped:
             epoch, position = divmod(step, plan.steps_per_epoch)
-            for batch in batches(epoch, position * plan.batch_size):
-                step = _train_step(engine, model, optimizer, plan, batch, compute_loss, step, metrics, board)
+            for group in _groups(batches(epoch, position), plan.accumulation):
+                step = _train_step(engine, model, optimizer, plan, group, compute_loss, step, metrics, board)
+                if plan.record_samples:
+                    record_samples(engine, group, epoch, step, ledger)
                 progress.update(1)
                 if stop.raised is not None or step % plan.checkpoint_every == 0 or step == plan.total_steps:
                     save_checkpoint(engine, plan, step)
@@ -181,95 +206,54 @@ def run_loop(
                 if stopped or step >= plan.total_steps or step % plan.steps_per_epoch == 0:
                     break
     progress.close()
-    if metrics:
-        metrics.close()
-    if board:
-        board.close()
-    return LoopResult(step, stopped, step * plan.batch_size * engine.world_size)
+    for handle in (metrics, ledger, board):
+        if handle:
+            handle.close()
+    return LoopResult(step, stopped, step * plan.samples_per_step(engine.world_size))
+
+
+def _groups(micro_batches: Iterable, size: int) -> Iterator[list]:
+    """Consecutive lists of `size` micro batches (a last, shorter one is dropped: never a part step)."""
+    group: list = []
+    for batch in micro_batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
 
 
 def _train_step(
-    engine, model, optimizer, plan: LoopPlan, batch, compute_loss, step: int, metrics, board=None
+    engine, model, optimizer, plan: LoopPlan, group: list, compute_loss, step: int, metrics, board=None
 ) -> int:
     lr = plan.lr_at(step)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
     started = time.monotonic()
-    loss, parts = compute_loss(batch)
-    engine.backward(loss)
-    grad_norm = _local_grad_norm(model) if board is not None else None
+    losses, parts = [], {}
+    for i, batch in enumerate(group):
+        loss, terms = compute_loss(batch)
+        engine.backward(loss, is_last=i == len(group) - 1)
+        losses.append(loss.item())
+        for name, value in terms.items():
+            parts[name] = parts.get(name, 0.0) + float(value) / len(group)
+    grad_norm = local_grad_norm(model) if board is not None else None
     engine.step()
     if metrics is not None:
         row = {
             "step": step + 1,
-            "loss": loss.item(),
+            "loss": sum(losses) / len(losses),
             "lr": lr,
             "seconds": time.monotonic() - started,
-            **{k: float(v) for k, v in parts.items()},
+            "samples_seen": (step + 1) * plan.samples_per_step(engine.world_size),
+            **parts,
         }
         metrics.write(json.dumps(row) + "\n")
         metrics.flush()
         if board is not None:
-            _board_scalars(
-                board, row, _engine_grad_norm(model, grad_norm), plan.batch_size * engine.world_size
+            board_scalars(
+                board, row, engine_grad_norm(model, grad_norm), plan.samples_per_step(engine.world_size)
             )
     return step + 1
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Cut `metrics.jsonl` back to one row per step for steps 1..`step` (the checkpoint resumed from):
-    rows of the steps a crashed run took after it are trained again, and a line the crash cut off is
-    dropped. Rewritten by rename, and only when something changes."""
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return
-    rows: dict[int, str] = {}
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            rows[row["step"]] = line  # the latest run's row of a step repeated by older resumes
-    write_text_atomic(path, "".join(rows[s] + "\n" for s in sorted(rows)))
-
-
-def tensorboard_writer(out: Path, purge_step: int | None = None):
-    """A TensorBoard `SummaryWriter` into `<out>/tensorboard/`, or None when tensorboard is not installed.
-    With `purge_step`, TensorBoard drops the events of earlier runs at that step and later ones."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "tensorboard"), purge_step=purge_step)
-
-
-def _board_scalars(board, row: dict, grad_norm: float | None, samples: int) -> None:
-    """`train/<name>` per metrics.jsonl value (loss terms, lr), grad norm and samples/s at `row["step"]`."""
-    step = row["step"]
-    for name, value in row.items():
-        if name not in ("step", "seconds"):
-            board.add_scalar(f"train/{name}", value, step)
-    if grad_norm is not None:
-        board.add_scalar("train/grad_norm", grad_norm, step)
-    if row["seconds"] > 0:
-        board.add_scalar("train/samples_per_second", samples / row["seconds"], step)
-
-
-def _local_grad_norm(model) -> float | None:
-    """The L2 norm of this rank's gradients before clipping (None when they live elsewhere, as in ZeRO)."""
-    import torch
-
-    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else None
-
-
-def _engine_grad_norm(model, fallback: float | None) -> float | None:
-    """DeepSpeed's global grad norm of the step just taken, else the norm measured before it."""
-    measure = getattr(model, "get_global_grad_norm", None)
-    value = measure() if callable(measure) else None
-    return float(value) if value is not None else fallback
 
 
 def save_checkpoint(engine, plan: LoopPlan, step: int) -> None:
@@ -286,13 +270,17 @@ def save_checkpoint(engine, plan: LoopPlan, step: int) -> None:
         os.rename(partial, folder)
         fsync_dir(folder.parent)
         epoch, position = divmod(step, plan.steps_per_epoch)
+        per_step = plan.samples_per_step(engine.world_size)
         write_json_atomic(
             folder / "meta.json",
             {
                 "step": step,
                 "epoch": epoch,
-                "position_per_rank": position * plan.batch_size,
-                "samples_seen": step * plan.batch_size * engine.world_size,
+                "position": position * per_step,  # in the epoch's order (stages/training/data.py)
+                "samples_seen": step * per_step,
+                "global_batch": per_step,
+                "micro_batch": plan.batch_size,
+                "accumulation": plan.accumulation,
                 "world_size": engine.world_size,
                 "fingerprint": plan.fingerprint,
                 "files": dict(sorted(files.items())),
@@ -325,17 +313,21 @@ def _resume(engine, plan: LoopPlan) -> int:
     engine.barrier()
     failed, load_failed = [], False
     for folder, meta in complete_checkpoints(plan.out, plan.fingerprint, warn=engine.rank == 0):
-        if meta["world_size"] != engine.world_size:
+        saved = saved_global_batch(meta, plan.batch_size)
+        if saved != plan.samples_per_step(engine.world_size):
             raise StageConfigError(
-                f"{folder} was written by {meta['world_size']} processes, this run has "
-                f"{engine.world_size}; resume with the same number"
+                f"{folder} was trained with a global batch of {saved} samples, this run has "
+                f"{plan.samples_per_step(engine.world_size)} ({plan.batch_size} x {engine.world_size} "
+                f"processes x {plan.accumulation}); resume with global_batch: {saved} or rerun with --force"
             )
         problem = _agreed(engine, folder, checkpoint_problem(folder, meta))
         if problem is None:
-            problem = _agreed(engine, folder, _load(engine, folder))
+            problem = _agreed(engine, folder, _load(engine, folder, meta["world_size"]))
             load_failed = load_failed or problem is not None
         if problem is None:
-            log.info("resumed from %s (step %d, epoch %d)", folder, meta["step"], meta["epoch"])
+            n = meta["world_size"]
+            moved = "" if n == engine.world_size else f", written by {n} process{'es' if n > 1 else ''}"
+            log.info("resumed from %s (step %d, epoch %d%s)", folder, meta["step"], meta["epoch"], moved)
             return meta["step"]
         failed.append(folder)
     if failed:
@@ -357,10 +349,15 @@ def _remove_leftovers(ckpt: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _load(engine, folder: Path) -> str | None:
+def saved_global_batch(meta: dict, micro_batch: int) -> int:
+    """A checkpoint's global batch (older ones without it had no accumulation)."""
+    return meta.get("global_batch") or meta["world_size"] * micro_batch
+
+
+def _load(engine, folder: Path, saved_world_size: int) -> str | None:
     """Load the checkpoint into the engine; what went wrong as one line, or None."""
     try:
-        engine.load(folder)
+        engine.load(folder, saved_world_size)
     except Exception as err:  # cut-off or damaged files: EOFError, RuntimeError, UnpicklingError, ...
         return f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
     return None

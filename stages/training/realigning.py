@@ -38,6 +38,7 @@ from stages.training.setup import (
     drop_stale_checkpoints,
     engine_for,
     finish_training,
+    global_batch_plan,
 )
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
     architecture = json.loads(RunLayout.final_architecture(source_folder).read_text())
     arch = cfg.model or architecture["model"]
     config_dir = str(cfg.config_dir) if cfg.config_dir else architecture["config_dir"]
-    engine = engine_for(cfg, ctx)
+    global_batch, accumulation = global_batch_plan("realign", cfg, ctx, plan.stage_dir, plan.fingerprint)
+    engine = engine_for(cfg, ctx, accumulation)
     clip = build_model(arch, str(source), config_dir, str(engine.device))
     # before the image embeddings: a bad unlocked_layers or a sigmoid loss without logit_bias fails at once
     freeze_for_realign(clip.model, cfg.unlocked_layers, train_logit_bias=cfg.loss == "siglip")
@@ -64,16 +66,17 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
     texts = [r.alt_text if alt_text else (r.captions[0] if r.captions else "") for r in refs]
     keep = [i for i, text in enumerate(texts) if text.strip()]
     dataset = EmbeddedTexts(embeddings[keep], [texts[i] for i in keep], clip.tokenizer, ctx.seed)
-    per_epoch = steps_per_epoch(len(dataset), engine.world_size, cfg.batch_size)
+    per_epoch = steps_per_epoch(len(dataset), global_batch)
     if per_epoch == 0:
         raise StageConfigError(
             f"realign: {len(dataset)} image-text pairs are fewer than one batch of "
-            f"{cfg.batch_size} x {engine.world_size} processes"
+            f"{global_batch} ({cfg.batch_size} x {engine.world_size} processes x {accumulation})"
         )
     total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
     optimizer = adamw(
         clip.model.named_parameters(), {}, cfg.betas, cfg.eps, cfg.weight_decay, decay_matrices_only=True
     )
+    ceiling = logit_scale_ceiling(clip.model)
     model, optimizer = engine.prepare(clip.model, optimizer)
     loop_plan = LoopPlan(
         plan.stage_dir,
@@ -83,12 +86,22 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
         cfg.batch_size,
         cfg.checkpoint_every,
         cosine_lr(cfg.lr, cfg.min_lr, total),
+        global_batch=global_batch,
+        accumulation=accumulation,
+        record_samples=cfg.record_samples,
     )
     drop_stale_checkpoints(plan.stage_dir, plan.fingerprint, ctx, engine)
 
     def batches(epoch: int, start: int):
         return epoch_loader(
-            dataset, epoch, engine.rank, engine.world_size, cfg.batch_size, start, cfg.num_workers
+            dataset,
+            epoch,
+            engine.rank,
+            engine.world_size,
+            cfg.batch_size,
+            global_batch,
+            start,
+            cfg.num_workers,
         )
 
     result = run_loop(
@@ -97,7 +110,7 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
         optimizer,
         loop_plan,
         batches,
-        lambda b: _loss(engine.unwrap(model), b, engine.device, cfg.loss),
+        lambda b: _loss(engine.unwrap(model), b, engine.device, cfg.loss, ceiling),
     )
     if result.stopped_by_signal or result.step < total:
         return
@@ -111,9 +124,17 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
     )
 
 
-def _loss(model, batch: dict, device, loss: str = "infonce") -> tuple[torch.Tensor, dict]:
-    with torch.no_grad():  # METHOD.md: the learnable logit scale stays in [0, ln 100]
-        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+def logit_scale_ceiling(model) -> float:
+    """METHOD.md keeps the learnable logit scale in [0, ln 100]; a model loaded with a higher one of
+    its own (a SigLIP checkpoint's can be) keeps that as its ceiling instead of being cut at step 1."""
+    return max(MAX_LOGIT_SCALE, float(model.logit_scale.detach().max()))
+
+
+def _loss(
+    model, batch: dict, device, loss: str = "infonce", ceiling: float = MAX_LOGIT_SCALE
+) -> tuple[torch.Tensor, dict]:
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, ceiling)
     text_emb = model.encode_text(batch["tokens"].to(device))
     image_emb = batch["emb"].to(device, text_emb.dtype)
     images, texts, scale = gather_with_grad(image_emb), gather_with_grad(text_emb), model.logit_scale.exp()

@@ -1,5 +1,6 @@
 """What the finetune and realign stages share: checkpoint identities, AdamW parameter groups, the
-engine, stale-checkpoint clean-up and the final export with its marker."""
+global batch and its gradient accumulation, the engine, stale-checkpoint clean-up and the final
+export with its marker."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from stages.base import RunContext, StageResult, UnitPlan, finish_stage, plan_un
 from stages.errors import StageConfigError
 from stages.layout import FINAL_UNIT, RunLayout
 from stages.training.engine import make_engine
-from stages.training.loop import checkpoint_problem, read_meta
+from stages.training.loop import checkpoint_problem, complete_checkpoints, read_meta, saved_global_batch
 from stages.training.model import export_model
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,38 @@ def adamw(
     return torch.optim.AdamW(param_groups, betas=tuple(betas), eps=eps)
 
 
-def engine_for(cfg, ctx: RunContext):
+def global_batch_plan(stage: str, cfg, ctx: RunContext, out: Path, fingerprint: str) -> tuple[int, int]:
+    """(global batch, gradient accumulation) for this run, before any step: `global_batch` from the
+    manifest, else the one the newest checkpoint was trained with (a run resumed on fewer or more
+    processes stays the same experiment), else batch_size x processes. Raises one line when the
+    global batch is not batch_size x processes x a whole number of micro steps."""
+    micro, world = cfg.batch_size, ctx.world_size
+    saved = None if cfg.global_batch else _newest_global_batch(out, fingerprint, micro)
+    global_batch = cfg.global_batch or (saved[1] if saved else micro * world)
+    if global_batch % (micro * world):
+        source = f"kept from {saved[0]}" if saved else f"{stage}.global_batch"
+        fits = [n for n in range(1, global_batch // micro + 1) if global_batch % (micro * n) == 0]
+        counts = " or ".join(map(str, fits[-4:]))
+        hint = f"run on {counts} process{'es' if fits[-1] > 1 else ''}" if fits else "change batch_size"
+        raise StageConfigError(
+            f"{stage}: the global batch of {global_batch} samples ({source}) is not batch_size {micro} x "
+            f"{world} processes x a whole number of accumulation steps; {hint}, or set batch_size "
+            f"so that batch_size x {world} divides {global_batch}"
+        )
+    return global_batch, global_batch // (micro * world)
+
+
+def _newest_global_batch(out: Path, fingerprint: str, micro: int) -> tuple[Path, int] | None:
+    """The newest complete checkpoint of these settings and its global batch; None when there is
+    none (one of other settings is left to the loop's resume, or to --force, to deal with)."""
+    try:
+        folder, meta = next(complete_checkpoints(out, fingerprint, warn=False))
+    except (StopIteration, StageConfigError):
+        return None
+    return folder, saved_global_batch(meta, micro)
+
+
+def engine_for(cfg, ctx: RunContext, accumulation: int = 1):
     """The engine, which must agree with the run context on rank and world size: plain torch is one
     process (several would each train alone and overwrite each other's checkpoints), and DeepSpeed's
     process group is the one the context was built from (torchrun's RANK/WORLD_SIZE)."""
@@ -61,7 +93,7 @@ def engine_for(cfg, ctx: RunContext):
             f"checkpoints (this is rank {ctx.rank}); set deepspeed: to train on "
             f"{ctx.world_size} processes, or run one process"
         )
-    engine = make_engine(cfg.deepspeed, cfg.batch_size, cfg.grad_clip, cfg.device)
+    engine = make_engine(cfg.deepspeed, cfg.batch_size, cfg.grad_clip, cfg.device, accumulation)
     if (engine.rank, engine.world_size) != (ctx.rank, ctx.world_size):
         raise StageConfigError(
             f"the training engine is rank {engine.rank} of {engine.world_size}, but the "

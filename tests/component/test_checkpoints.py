@@ -22,7 +22,7 @@ from pipeline.lifetime import is_launcher
 from stages.training.engine import PlainEngine
 from stages.training.loop import checkpoint_problem, read_meta
 from tests.component.test_training import _images, _manifest, _state
-from tests.conftest import cli_env
+from tests.conftest import REPO, cli_env
 
 # 8 images, batch 4: 2 steps per epoch, 8 steps; checkpoints at 2, 4, 6, 8, the newest two kept
 SETTINGS = {"loss": "gpr", "epochs": 4, "checkpoint_every": 2, "num_workers": 0}
@@ -239,3 +239,72 @@ def test_torchrun_worker_dies_when_its_agent_is_killed(tmp_path, tiny_models):
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)
             agent.wait(timeout=30)
+
+
+def test_worker_that_starts_after_its_agent_died_exits(tmp_path):
+    """The agent is SIGKILLed while its worker is still starting: by the time the worker asks to die
+    with its parent, the parent is already init (or a subreaper); it must exit, not train on."""
+    go, survived = tmp_path / "go", tmp_path / "survived"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+        + [str(REPO / "tests" / "helpers" / "late_start.py"), str(go), str(survived)],
+        cwd=tmp_path,
+        env=cli_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pid_file, worker = Path(f"{go}.pid"), None
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() and time.monotonic() < deadline and agent.poll() is None:
+            time.sleep(0.05)
+        worker = int(pid_file.read_text())
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait(timeout=30)
+        go.touch()  # now the worker reaches die_with_launcher(), its agent gone
+        deadline = time.monotonic() + 30
+        while _is_running(worker) and time.monotonic() < deadline and not survived.exists():
+            time.sleep(0.05)
+        assert not survived.exists(), "die_with_launcher() returned in an orphaned worker"
+        assert not _is_running(worker), "the worker outlived torchrun"
+    finally:
+        if worker and _is_running(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_a_global_batch_that_cannot_be_kept_is_one_line_before_any_step(
+    tmp_path, tiny_models, finished, capsys, monkeypatch
+):
+    """The checkpoints were trained with a global batch of 4 (batch 4 x 1 process): 3 processes cannot
+    keep it; a different `global_batch` is other settings. Either way one line, nothing trained."""
+    _copy(finished, tmp_path, tiny_models)
+    zero2 = str(REPO / "launch" / "deepspeed" / "zero2.json")
+    metrics = (_out(tmp_path) / "metrics.jsonl").read_text()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    capsys.readouterr()
+    assert (
+        cli(
+            [
+                "run",
+                str(_manifest(tmp_path, tiny_models, finetune={**SETTINGS, "deepspeed": zero2})),
+                "--stage",
+                "finetune",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: finetune: the global batch of 4 samples (kept from ")
+    assert "batch_size 4 x 3 processes" in err[-1] and "run on 1 process," in err[-1], err[-1]
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    manifest = _manifest(tmp_path, tiny_models, finetune={**SETTINGS, "global_batch": 8})
+    assert cli(["run", str(manifest), "--stage", "finetune"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1].startswith("error: ") and "was made with other settings" in err[-1] and "--force" in err[-1]
+    )
+    assert (_out(tmp_path) / "metrics.jsonl").read_text() == metrics  # no step was taken

@@ -1,9 +1,11 @@
 """finetune and realign with a tiny open_clip model: what trains, what stays frozen, exact resume,
-and 2 processes under DeepSpeed ZeRO-2 (gloo) through torchrun."""
+and 2 processes under DeepSpeed ZeRO-2 (gloo) through torchrun (one agent and two:
+tests/component/test_elastic.py)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -138,53 +140,6 @@ def test_interrupted_finetune_resumes_to_identical_parameters(tmp_path, tiny_mod
     assert not list(out.glob("ckpt/.partial-*"))
 
 
-def test_deepspeed_two_processes_finetune_and_realign(tmp_path, tiny_models):
-    _images(tmp_path / "run", shards=4, per_shard=8)
-    zero2 = str(REPO / "launch" / "deepspeed" / "zero2.json")
-    manifest = _manifest(
-        tmp_path,
-        tiny_models,
-        finetune={"deepspeed": zero2, "epochs": 1},
-        realign={"deepspeed": zero2, "max_steps": 3},
-    )
-    assert cli(["run", str(manifest), "--stage", "caption"]) == 0
-    for stage in ("finetune", "realign"):
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                "2",
-                "--master_port",
-                "29633",
-                "-m",
-                "pipeline",
-                "run",
-                str(manifest),
-                "--stage",
-                stage,
-            ],
-            cwd=tmp_path,
-            env=cli_env(),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        assert run.returncode == 0, run.stderr[-3000:]
-    finetuned = _state(tmp_path / "run" / "finetune" / "mcip" / "final" / "model.pt")
-    realigned = _state(tmp_path / "run" / "realign" / "mcip" / "final" / "model.pt")
-    pretrained = _state(tiny_models["clip_checkpoint"])
-    assert torch.equal(finetuned["text_projection"], pretrained["text_projection"])
-    assert not torch.equal(finetuned["visual.conv1.weight"], pretrained["visual.conv1.weight"])
-    assert torch.equal(realigned["visual.conv1.weight"], finetuned["visual.conv1.weight"])
-    assert not torch.equal(realigned["text_projection"], finetuned["text_projection"])
-    done = json.loads((tmp_path / "run" / "finetune" / "mcip" / "_done" / "final.json").read_text())
-    assert done["counts"] == {"steps": 4, "samples_seen": 32}  # 32 images / (4 x 2 processes)
-    embeddings = sorted((tmp_path / "run" / "embeddings" / "mcip" / "_done").glob("*.json"))
-    assert {json.loads(p.read_text())["unit"] for p in embeddings} == {f"{i:06d}" for i in range(4)}
-
-
 def test_deepspeed_resume_after_sigusr1_equals_straight_run(tmp_path, tiny_models):
     """Also: rank 1 alone cannot load the newest checkpoint (its ZeRO file is damaged); both ranks
     agree to resume from the one before, and still end where the straight run ends."""
@@ -303,3 +258,33 @@ def test_one_process_without_torchrun_trains_both_stages_under_deepspeed(tmp_pat
     realigned = _state(tmp_path / "run" / "realign" / "mcip" / "final" / "model.pt")
     assert torch.equal(realigned["visual.conv1.weight"], finetuned["visual.conv1.weight"])
     assert not torch.equal(realigned["text_projection"], finetuned["text_projection"])
+
+
+@pytest.mark.parametrize("loss", ["infonce", "siglip"])
+def test_realign_clamps_the_logit_scale_no_lower_than_the_loaded_one(tiny_models, loss):
+    """ln 100 is the ceiling unless the loaded model's own scale is higher: that one is kept."""
+    from stages.training.model import build_model
+    from stages.training.realigning import _loss, logit_scale_ceiling
+
+    clip = build_model(
+        tiny_models["clip_arch"], str(tiny_models["clip_checkpoint"]), str(tiny_models["clip_configs"]), "cpu"
+    )
+    model = clip.model
+    if loss == "siglip":
+        model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+    tokens = clip.tokenizer(["alt 0", "alt 1"])
+    with torch.no_grad():
+        batch = {"tokens": tokens, "emb": torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)}
+
+    def scale_at_step(loaded: float, now: float) -> float:
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(loaded))
+        ceiling = logit_scale_ceiling(model)
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(now))  # where training took it
+        return float(_loss(model, batch, "cpu", loss, ceiling)[1]["logit_scale"])
+
+    assert scale_at_step(200, 200) == pytest.approx(200, rel=1e-5)  # kept, not cut to 100 at step 1
+    assert scale_at_step(200, 300) == pytest.approx(200, rel=1e-5)
+    assert scale_at_step(50, 150) == pytest.approx(100, rel=1e-5)  # METHOD.md's ln 100
+    assert scale_at_step(50, 70) == pytest.approx(70, rel=1e-5)

@@ -238,3 +238,84 @@ def test_requeue_cap_from_slurm_restart_count(cluster, tmp_path, tiny_models):
     assert "requeue cap reached (SLURM_RESTART_COUNT=0, max_requeues=0)" in out
     assert any((tmp_path / "capped" / "finetune" / "mcip" / "ckpt").glob("step-*/meta.json"))  # work kept
     assert not (tmp_path / "capped" / "finetune" / "mcip" / "final" / "model.pt").exists()
+
+
+@pytest.fixture
+def two_nodes(cluster):
+    """The module's cluster with a second node on this host (a slurmd of its own); left with two."""
+    reason = cluster.start(nodes=2)
+    if reason:
+        pytest.skip(f"two SLURM nodes on this host: {reason}")
+    return cluster
+
+
+def test_training_on_two_nodes_then_requeued_onto_one(two_nodes, tmp_path, tiny_models):
+    """srun starts one torchrun per node of a 2-node allocation (rendezvous on the first node's
+    NodeAddr); requeued after USR1 onto 1 node, the job resumes the 2-process checkpoint with the same
+    global batch (1 process x 2 accumulation steps) and sees every sample of each epoch once."""
+    cluster = two_nodes
+    root = tmp_path / "two"
+    make_image_shards(root, shards=4, per_shard=8)
+    (root / "images" / "labels.json").write_text(json.dumps({"labels": ["a", "b", "c"]}))
+    finetune = {
+        "model": tiny_models["clip_arch"],
+        "pretrained": str(tiny_models["clip_checkpoint"]),
+        "config_dir": str(tiny_models["clip_configs"]),
+        "loss": "gpr",
+        "batch_size": 4,
+        "epochs": 8,
+        "lr": 1.0e-4,
+        "checkpoint_every": 2,
+        "num_workers": 0,
+        "record_samples": True,
+        "deepspeed": str(REPO / "launch" / "deepspeed" / "zero2.json"),
+    }
+    manifest = tmp_path / "two.yaml"
+    manifest.write_text(yaml.safe_dump({"run": {"root": "two", "seed": 0}, "stages": {"finetune": finetune}}))
+    job = sbatch(
+        cluster,
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=2",
+        f"--output={tmp_path}/job-%j.out",
+        "--export=ALL,MCIP_MAX_REQUEUES=1,MCIP_NPROC_PER_NODE=1",
+        str(LAUNCHER),
+        str(manifest),
+        "--stage",
+        "finetune",
+        cwd=tmp_path,
+    )
+    out = root / "finetune" / "mcip"
+    wait_until(  # DeepSpeed's start on 2 busy cores can take minutes
+        lambda: any((out / "ckpt").glob("step-*/meta.json")),
+        timeout=600,
+        what="a checkpoint",
+        gave_up=cluster.ended(job, job_env()),
+    )
+    cluster.signal_batch(job, job_env())
+    wait_until(
+        lambda: (
+            cluster.job(job, job_env()).get("Restarts") == "1"
+            and cluster.job(job, job_env()).get("JobState") == "PENDING"
+        ),
+        what="the requeued job pending",
+        gave_up=cluster.ended(job, job_env()),
+    )
+    shrunk = cluster.run("scontrol", "update", f"JobId={job}", "NumNodes=1-1", "NumTasks=1", env=job_env())
+    assert shrunk.returncode == 0, shrunk.stderr  # what a lost node leaves: one node, one task
+    fields = cluster.wait_final(job, job_env(), timeout=600)
+    log = (tmp_path / f"job-{job}.out").read_text()
+    task_logs = {p.name: p.read_text() for p in (root / "logs" / "finetune").glob(f"{job}-node*.log")}
+    assert fields["JobState"] == "COMPLETED" and fields["NumNodes"] == "1", log[-3000:]
+    assert set(task_logs) == {f"{job}-node0.log", f"{job}-node1.log"}, task_logs.keys()
+    assert (
+        "[finetune 0/2]" in task_logs[f"{job}-node0.log"]
+        and "[finetune 1/2]" in task_logs[f"{job}-node1.log"]
+    )
+    assert "written by 2 processes" in task_logs[f"{job}-node0.log"]  # the 1-node restart appends here
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 33))  # 32 images / global batch 8 x 8 epochs
+    for epoch in range(8):
+        assert sorted(i for r in rows if r["epoch"] == epoch for i in r["indexes"]) == list(range(32))
+    newest = max((out / "ckpt").glob("step-*/meta.json"))
+    assert json.loads(newest.read_text())["world_size"] == 1 and (out / "final" / "model.pt").is_file()

@@ -1,4 +1,5 @@
-"""The tests' own one-node SLURM (Debian's slurm-wlm + munge on localhost) and helpers to drive it.
+"""The tests' own SLURM (Debian's slurm-wlm + munge on localhost; one node, or several slurmd on this one
+host) and helpers to drive it.
 
 `start-local-slurm.sh` / `stop-local-slurm.sh` beside this file come from the reference scripts
 handed to the project (install when missing, `cred_expire=5` and a fast scheduler so a requeued job
@@ -29,11 +30,14 @@ class Cluster:
             "SLURM_LOCAL_WAIT": "60",
         }
 
-    def start(self) -> str | None:
-        """None when the cluster is up, else why it cannot be (e.g. no root, no apt)."""
+    def start(self, nodes: int = 1) -> str | None:
+        """None when the cluster is up, else why it cannot be (e.g. no root, no apt). With `nodes` > 1,
+        that many nodes on this host (one slurmd each); started again with another number, the
+        daemons restart with the new configuration."""
         if os.geteuid() != 0:
             return "needs root (apt-get, munged as user munge, SlurmUser=root)"
-        done = subprocess.run([str(START)], env=self.env, capture_output=True, text=True, timeout=600)
+        env = {**self.env, "SLURM_LOCAL_NODES": str(nodes)}
+        done = subprocess.run([str(START)], env=env, capture_output=True, text=True, timeout=600)
         return None if done.returncode == 0 else f"start-local-slurm.sh failed: {done.stderr.strip()[-800:]}"
 
     def stop(self) -> None:

@@ -65,19 +65,38 @@ def test_key_mismatch_names_the_caption_shard_and_both_counts(run_root):
 
 def test_ranks_split_each_epoch_without_overlap():
     order = np.random.default_rng(0).permutation(23)
-    parts = [rank_positions(order, r, 2, 4) for r in range(2)]
+    parts = [rank_positions(order, r, 2, 4, 8) for r in range(2)]
     assert len(parts[0]) == len(parts[1]) == 8
     assert not set(parts[0]) & set(parts[1])
 
 
+@pytest.mark.parametrize("world, accumulation", [(1, 6), (2, 3), (3, 2), (6, 1)])
+def test_a_step_trains_the_same_samples_whatever_the_number_of_processes(world, accumulation):
+    """Global batch 12 = micro batch 2 x processes x accumulation: step s is positions [12 s, 12 s + 12)
+    of the epoch's order; a resume from step 2 on another number of processes continues from there."""
+    order = np.random.default_rng(0).permutation(40)  # 3 global batches; 4 samples left out
+    shares = [rank_positions(order, r, world, 2, 12).reshape(3, accumulation, 2) for r in range(world)]
+    for step in range(3):
+        seen = np.concatenate([share[step].reshape(-1) for share in shares])
+        assert sorted(seen) == sorted(order[12 * step : 12 * step + 12])
+    resumed = np.concatenate([rank_positions(order, r, world, 2, 12, start_step=2) for r in range(world)])
+    assert sorted(resumed) == sorted(order[24:36])
+
+
 def test_resume_position_continues_with_the_very_next_sample(run_root):
     dataset = _dataset(run_root, transform=train_transform(16, (0.5,) * 3, (0.5,) * 3))
-    full = list(epoch_loader(dataset, epoch=1, rank=0, world_size=1, batch_size=3, workers=2))
+    full = list(
+        epoch_loader(dataset, epoch=1, rank=0, world_size=1, micro_batch=3, global_batch=3, workers=2)
+    )
     resumed = list(
-        epoch_loader(dataset, epoch=1, rank=0, world_size=1, batch_size=3, start_position=6, workers=0)
+        epoch_loader(
+            dataset, epoch=1, rank=0, world_size=1, micro_batch=3, global_batch=3, start_step=2, workers=0
+        )
     )
     assert [b["index"].tolist() for b in resumed] == [b["index"].tolist() for b in full[2:]]
     for a, b in zip(full[2:], resumed):  # same augmentations whatever the worker count
         assert torch.equal(a["image"], b["image"])
-    other_epoch = list(epoch_loader(dataset, epoch=2, rank=0, world_size=1, batch_size=3, workers=0))
+    other_epoch = list(
+        epoch_loader(dataset, epoch=2, rank=0, world_size=1, micro_batch=3, global_batch=3, workers=0)
+    )
     assert [b["index"].tolist() for b in other_epoch] != [b["index"].tolist() for b in full]
