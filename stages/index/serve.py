@@ -18,8 +18,7 @@ pool, so queries run concurrently (stages/index/search.py says why that is safe)
 uvicorn (`pip install -e '.[serve]'`).
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI reads the handlers' annotations at run time
 import logging
 import threading
 import time
