@@ -7,7 +7,7 @@ Content-Security-Policy allows no inline script at all. Clicking a result search
 """
 
 HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>MCIP search</title>
+<html lang="en"><head><meta charset="utf-8"><title>MCIP search</title><link rel="icon" href="data:,">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
 body{font-family:system-ui,sans-serif;margin:0;background:#f4f4f6;color:#222}
