@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from examples import tiny_models as tm
@@ -184,3 +185,21 @@ def test_upload_larger_than_its_pixels_allow_after_decode_is_refused_by_header(s
     with httpx.Client(base_url=url, timeout=60) as client:
         answer = client.post("/api/search/image", content=big.getvalue())
     assert answer.status_code == 400 and "1200 x 1000" in answer.json()["error"]
+
+
+def test_an_hnsw_index_of_the_same_shards_finds_what_the_exact_one_finds(indexed, tiny_models):
+    manifest, keys = indexed
+    data = yaml.safe_load(manifest.read_text())
+    data["stages"]["index"].update(
+        {"name": "hnsw", "kind": "hnsw", "texts": False, "models": data["stages"]["index"]["models"][:1]}
+    )
+    other = manifest.with_name("hnsw.yaml")
+    other.write_text(yaml.safe_dump(data))
+    assert cli(["run", str(other)]) == 0
+    card = json.loads((manifest.parent / "run" / "index" / "hnsw" / "base" / "index.json").read_text())
+    assert card["kind"] == "hnsw" and card["recall_at_k"] == 1.0 and card["recall_curve"][0]["efSearch"] == 48
+    assert (manifest.parent / "run" / "index" / "hnsw" / "base" / "hnsw.faiss").is_file()
+    approximate = open_indexes(load_manifest(other), ["base"])["base"]
+    exact = open_indexes(load_manifest(manifest), ["base"])["base"]
+    for key in (k for k in keys if k != CORRUPT):
+        assert [h.key for h in approximate.by_key(key, 5)] == [h.key for h in exact.by_key(key, 5)]
