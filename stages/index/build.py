@@ -116,7 +116,7 @@ def train_ids(rows: int, params: dict, seed: int, held_out: int) -> np.ndarray:
     measuring recall; HNSW and exact train on nothing."""
     if params["kind"] != "ivfpq":
         return np.zeros(0, np.int64)
-    want = min(rows - min(held_out, rows // 2), max(64 * params["nlist"], 10_000))
+    want = min(rows - min(held_out, rows // 2), max(40 * params["nlist"], 10_000))  # faiss asks >= 39 per list
     return np.sort(np.random.default_rng(seed).choice(rows, size=want, replace=False))
 
 
@@ -152,11 +152,11 @@ def tune(
     index, bank: BankVectors, params: dict, queries: np.ndarray, exact: np.ndarray, k: int, target: float
 ):
     """(chosen search parameter, [(value, recall@k)]): doubling from 1 until `target` is reached."""
-    from stages.index.search import approximate_search
+    from stages.index.search import CANDIDATES, approximate_search
 
     name = "nprobe" if params["kind"] == "ivfpq" else "efSearch"
     limit = params["nlist"] if name == "nprobe" else 4096
-    value, curve = 1 if name == "nprobe" else 4 * k + 8, []  # efSearch: at least the candidates asked for
+    value, curve = 1 if name == "nprobe" else CANDIDATES * k + 8, []  # efSearch >= the candidates asked for
     while True:
         _, ids = approximate_search(index, bank, queries, k, {name: value})
         curve.append((value, recall_at_k(ids, exact)))

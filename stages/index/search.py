@@ -34,6 +34,7 @@ from stages.index.build import CARD, card_path, collection
 from stages.index.embed import meta_path
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.:+-]{1,200}$")
+CANDIDATES = 10  # approximate kinds: candidates per result, scored again exactly
 
 
 class QueryError(ValueError):
@@ -53,11 +54,12 @@ class Hit:
 
 
 def approximate_search(index, bank: BankVectors, queries: np.ndarray, k: int, params: dict):
-    """Candidates from the faiss index (4k + 8 of them), scored again exactly from the fp16 vectors."""
+    """Candidates from the faiss index (CANDIDATES x k + 8 of them), scored again exactly from the
+    fp16 vectors: PQ codes rank near neighbours coarsely, the exact rescoring puts them in order."""
     import faiss
 
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    found = min(bank.rows, 4 * k + 8)
+    found = min(bank.rows, CANDIDATES * k + 8)
     if "nprobe" in params:
         search = faiss.SearchParametersIVF(nprobe=int(params["nprobe"]))
     else:
