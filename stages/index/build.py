@@ -116,7 +116,7 @@ def train_ids(rows: int, params: dict, seed: int, held_out: int) -> np.ndarray:
     measuring recall; HNSW and exact train on nothing."""
     if params["kind"] != "ivfpq":
         return np.zeros(0, np.int64)
-    want = min(rows - min(held_out, rows // 2), max(40 * params["nlist"], 10_000))  # faiss asks >= 39 per list
+    want = min(rows - min(held_out, rows // 2), max(40 * params["nlist"], 10_000))  # faiss: >= 39 a list
     return np.sort(np.random.default_rng(seed).choice(rows, size=want, replace=False))
 
 
