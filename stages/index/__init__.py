@@ -150,7 +150,9 @@ def describe(cfg: IndexConfig, root: Path, seed: int = 0):
 
 
 def check_inputs(cfg: IndexConfig) -> None:
-    """Each model's architecture with its pretrained tag or checkpoint file."""
+    """Each model's architecture with its pretrained tag or checkpoint file; `images:` matches tars."""
+    if cfg.images is not None and not any(p.endswith(".tar") for p in glob.glob(str(cfg.images))):
+        raise StageConfigError(f"index: images: no .tar files match {cfg.images}")
     for entry in cfg.models:
         open_clip_config(cfg.model, entry.checkpoint, cfg.config_dir, f"index: model {entry.name!r}")
 

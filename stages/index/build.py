@@ -148,21 +148,41 @@ def held_out(rows: int, train: np.ndarray, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 1]).choice(free, size=min(count, len(free)), replace=False))
 
 
-def tune(
-    index, bank: BankVectors, params: dict, queries: np.ndarray, exact: np.ndarray, k: int, target: float
-):
-    """(chosen search parameter, [(value, recall@k)]): doubling from 1 until `target` is reached."""
+def tune(index, bank: BankVectors, params: dict, query_sets: dict, k: int, target: float):
+    """(chosen search parameter, [{parameter, recall per query set}]): doubling from its cheapest
+    value until every query set (name -> (queries, exact ids)) reaches `target`."""
     from stages.index.search import CANDIDATES, approximate_search
 
     name = "nprobe" if params["kind"] == "ivfpq" else "efSearch"
     limit = params["nlist"] if name == "nprobe" else 4096
     value, curve = 1 if name == "nprobe" else CANDIDATES * k + 8, []  # efSearch >= the candidates asked for
     while True:
-        _, ids = approximate_search(index, bank, queries, k, {name: value})
-        curve.append((value, recall_at_k(ids, exact)))
-        if curve[-1][1] >= target or value >= limit:
+        point = {name: value}
+        for label, (queries, exact) in query_sets.items():
+            _, ids = approximate_search(index, bank, queries, k, {name: value})
+            point[label] = recall_at_k(ids, exact)
+        curve.append(point)
+        if all(point[label] >= target for label in query_sets) or value >= limit:
             return value, curve
         value = min(limit, value * 2)
+
+
+def _query_sets(cfg, bank: BankVectors, sample: np.ndarray, texts: dict | None, k: int, seed: int) -> dict:
+    """Held-out pictures as queries, and (with `texts: true`) a sample of the caption set's texts:
+    text queries lie elsewhere than pictures (CLIP's modality gap), so IVF lists are tuned for both."""
+    search = ExactSearch(bank, cfg.device, cfg.search_memory_mib)
+    queries = bank.gather(sample).astype(np.float32)
+    sets = {"recall": (queries, search.search(queries, k)[1])}
+    if texts and texts["rows"]:
+        vectors = BankVectors(texts["files"][1:])
+        pick = np.sort(
+            np.random.default_rng([seed, 2]).choice(
+                vectors.rows, min(cfg.recall_sample, vectors.rows), replace=False
+            )
+        )
+        text_queries = vectors.gather(pick).astype(np.float32)
+        sets["recall_texts"] = (text_queries, search.search(text_queries, k)[1])
+    return sets
 
 
 def build_model_index(cfg, ctx, plan, entry, tars: dict[str, Path]) -> None:
@@ -179,22 +199,22 @@ def build_model_index(cfg, ctx, plan, entry, tars: dict[str, Path]) -> None:
     params = choose(cfg, bank.rows, bank.dim)
     train = train_ids(bank.rows, params, seed, cfg.recall_sample)
     sample = held_out(bank.rows, train, cfg.recall_sample, seed)
-    queries = bank.gather(sample).astype(np.float32)
     k = min(cfg.recall_k, bank.rows)
-    _, exact = ExactSearch(bank, cfg.device, cfg.search_memory_mib).search(queries, k)
+    texts = _texts(cfg, ctx, folder, entry, list(tars)) if cfg.texts else None
     outputs, card = [], {"recall_at_k": 1.0, "recall_curve": []}
     if params["kind"] != "exact":
         index = build_faiss(bank, params, train, seed)
-        value, curve = tune(index, bank, params, queries, exact, k, cfg.target_recall)
-        name = "nprobe" if params["kind"] == "ivfpq" else "efSearch"
-        params[name] = value
-        card = {"recall_at_k": curve[-1][1], "recall_curve": [{name: v, "recall": r} for v, r in curve]}
+        query_sets = _query_sets(cfg, bank, sample, texts, k, seed)
+        value, curve = tune(index, bank, params, query_sets, k, cfg.target_recall)
+        params["nprobe" if params["kind"] == "ivfpq" else "efSearch"] = value
+        card = {"recall_at_k": curve[-1]["recall"], "recall_curve": curve}
+        if "recall_texts" in curve[-1]:
+            card["recall_at_k_texts"] = curve[-1]["recall_texts"]
         index_file = folder / model / f"{params['kind']}.faiss"
         tmp = tmp_path_for(index_file)
         faiss.write_index(index, str(tmp))
         tmp.replace(index_file)
         outputs.append(index_file)
-    texts = _texts(cfg, ctx, folder, entry, list(tars)) if cfg.texts else None
     outputs += texts.pop("files") if texts else []
     card = {
         "index": model,

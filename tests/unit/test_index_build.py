@@ -54,14 +54,14 @@ def test_approximate_index_reaches_the_target_recall_on_held_out_vectors(bank, k
     _, exact = ExactSearch(bank).search(queries, 10)
     index = build_faiss(bank, params, train, seed=0)
     assert index.ntotal == bank.rows
-    value, curve = tune(index, bank, params, queries, exact, 10, 0.9)
-    recalls = [r for _, r in curve]
-    assert recalls[-1] >= 0.9 and all(r < 0.9 for r in recalls[:-1]) and value == curve[-1][0]
+    value, curve = tune(index, bank, params, {"recall": (queries, exact)}, 10, 0.9)
+    name = "nprobe" if kind == "ivfpq" else "efSearch"
+    recalls = [point["recall"] for point in curve]
+    assert recalls[-1] >= 0.9 and all(r < 0.9 for r in recalls[:-1]) and value == curve[-1][name]
     if kind == "ivfpq":  # the first, cheapest setting did not reach it: the search was tuned
         assert len(curve) > 1
     from stages.index.search import approximate_search
 
-    name = "nprobe" if kind == "ivfpq" else "efSearch"
     _, found = approximate_search(index, bank, queries, 10, {name: value})
     assert recall_at_k(found, exact) == recalls[-1]
 
