@@ -63,7 +63,9 @@ def test_type_click_upload_and_hostile_text(served, tmp_path):
             assert _wait(browser, HITS.format(name), lambda n: n == 20 or n == 11) == 11  # k 20 > 11 images
 
         second = browser.evaluate(KEYS.format("baseline"))[1]
-        browser.evaluate(f"document.querySelector('.pane[data-index=baseline] .hit[data-key=\"{second}\"]').click()")
+        browser.evaluate(
+            f"document.querySelector('.pane[data-index=baseline] .hit[data-key=\"{second}\"]').click()"
+        )
         _wait(browser, "document.getElementById('query').dataset.kind", lambda kind: kind == "key")
         first = _wait(browser, KEYS.format("mcip") + "[0]", lambda key: key == second)
         assert first == second and browser.evaluate(KEYS.format("baseline") + "[0]") == second
