@@ -257,11 +257,8 @@ def main() -> None:
     )
     model = {"arch": arch, "checkpoint": checkpoint, "configs": configs}
     print(f"work folder {work}; {os.cpu_count()} CPUs; device {args.device}", flush=True)
-    search = [
-        row
-        for rows in map(int, args.rows.split(","))
-        for row in search_rows(work, model, rows, args.dim, args)
-    ]
+    sizes = [int(r) for r in args.rows.split(",") if r]  # --rows "": the embedding comparison alone
+    search = [row for rows in sizes for row in search_rows(work, model, rows, args.dim, args)]
     embedding = embedding_rows(work, model, args.images, args.device, args.repeats)
     head = ["vectors", "index", "query", "queries/s", "p50 ms", "p99 ms", "recall@10", "build", "parameters"]
     print(
