@@ -204,3 +204,25 @@ def test_an_hnsw_index_of_the_same_shards_finds_what_the_exact_one_finds(indexed
     exact = open_indexes(load_manifest(manifest), ["base"])["base"]
     for key in (k for k in keys if k != CORRUPT):
         assert [h.key for h in approximate.by_key(key, 5)] == [h.key for h in exact.by_key(key, 5)]
+
+
+def test_serve_command_binds_localhost_and_answers(indexed):
+    """`python -m pipeline serve` as a user starts it (port 0: a free one), then Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    manifest, keys = indexed
+    command = [sys.executable, "-m", "pipeline", "serve", str(manifest), "--index", "base", "--port", "0"]
+    server = subprocess.Popen(command, cwd=manifest.parent, env=cli_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("serving base on http://127.0.0.1:"), line
+        url = line.split(" on ")[1].split("/ ")[0]
+        answer = httpx.get(f"{url}/api/search", params={"key": keys[0], "k": 2}, timeout=60).json()
+        assert answer["results"]["base"][0]["key"] == keys[0]
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
