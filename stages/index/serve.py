@@ -7,6 +7,7 @@
     GET  /api/search?text=..&k=20 {"query", "seconds", "results": {index: [{key, score, url, caption, alt}]}}
     GET  /api/search?key=..&k=20    the same, by a picture of the collection (its stored vector)
     POST /api/search/image?k=20     the same, by the picture in the request body (raw bytes)
+    GET  /api/texts?key=..&k=20     image -> text: the caption set's best captions (`texts: true`)
     GET  /api/picture/{key}         the picture, read from its tar at the offset its key recorded
 
 Every index answers each query, so the page shows the result lists side by side. Bounds: k <=
@@ -126,6 +127,15 @@ def make_app(
         return {
             "query": {"image_bytes": len(data)},
             **await run_in_threadpool(everywhere, lambda index: index.by_image(data, k, max_pixels)),
+        }
+
+    @app.get("/api/texts")
+    def texts(key: str, k: int = 20):
+        """Image -> text: each index's best captions of the caption set for a picture (`texts: true`)."""
+        check_k(k)
+        return {
+            "query": {"key": key},
+            "results": {n: i.texts_for_image(None, key, k, max_pixels) for n, i in indexes.items()},
         }
 
     @app.get("/api/picture/{key}")

@@ -130,6 +130,9 @@ def test_api_answers_text_key_and_upload_queries_from_both_indexes(server):
             "results"
         ]
         assert upload["base"][0]["key"] == keys[2]  # the same picture re-encoded finds itself first
+        texts = client.get("/api/texts", params={"key": keys[2], "k": 3}).json()["results"]["base"]
+        assert len(texts) == 3 and texts[0]["score"] >= texts[1]["score"] >= texts[2]["score"]
+        assert all(t["text"].startswith(("a ", "<img")) for t in texts)  # the alt texts, as the caption set
         picture = client.get(f"/api/picture/{keys[2]}")
         assert picture.headers["content-type"] == "image/jpeg" and picture.content == generated_jpeg(2)
         assert "script-src 'self'" in client.get("/").headers["content-security-policy"]
