@@ -7,9 +7,10 @@ and pre-trains its tiny CLIP (examples/world_clip.py) into `<root>/models/`. The
 files on 127.0.0.1 (the URL table keeps the port it was made with, so a second run resumes instead
 of seeing a changed input) while the stages of the manifest run: download -> caption (caption-bank
 retrieval) -> finetune (MCIP) -> realign -> evaluate (training under DeepSpeed ZeRO-2, one process on
-the CPU), builds the inspect page of the caption set (`python -m pipeline inspect`), and prints the
-comparison table, the report's path and the page's path. A second run finds every unit done and
-prints them again.
+the CPU) -> index (a baseline and an MCIP index of the evaluation split, packed into tars by
+examples/world_shards.py), builds the inspect page of the caption set (`python -m pipeline inspect`),
+and prints the comparison table, the report's path, the page's path and the `serve` command. A
+second run finds every unit done and prints them again.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import yaml
 
 from examples.image_server import ImageServer
 from examples.world import WorldSize, generate
+from examples.world_shards import eval_shards
 from pipeline.cli import main as pipeline_main
 from pipeline.manifest import load_manifest
 from shards.atomic import write_json_atomic
@@ -54,6 +56,7 @@ def prepare(root: Path, world_size=None, pretrain_steps: int = 1500, seed: int =
         generate(world, seed, size, port)
         write_json_atomic(done, {"about": about, "port": port})  # last: the world is complete
     pretrained_model(world, root / "models", steps=pretrain_steps, seed=seed)
+    eval_shards(world)  # the evaluation split as tars: what the index stage indexes
     return port
 
 
@@ -109,7 +112,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: {report}")
     if page is not None:
         print(f"inspect page: {page}")
+    serve = serve_command(args.manifest)
+    if serve is not None:
+        print(f"search the evaluation split: {serve}")
     return code
+
+
+def serve_command(manifest_path: Path) -> str | None:
+    """The command that serves the demo's indexes side by side (baseline and MCIP)."""
+    manifest = load_manifest(manifest_path)
+    if manifest.stages.index is None:
+        return None
+    names = " ".join(f"--index {m.name}" for m in manifest.stages.index.models)
+    return f"python -m pipeline serve {manifest_path} {names}"
 
 
 if __name__ == "__main__":  # img2dataset's worker processes re-import this module

@@ -7,6 +7,7 @@
     python -m pipeline export examples/demo.yaml --captions retrieval --to runs/demo-export
     python -m pipeline inspect examples/demo.yaml --captions retrieval [--shards 000000] [--samples 64]
     python -m pipeline submit examples/demo.yaml [--dry-run]     # SLURM: one job per stage (slurm_cli.py)
+    python -m pipeline search|serve examples/demo.yaml --index mcip ...   # the index stage's (search_cli.py)
 
 Exit code 0 on success; otherwise one line `error: ...` on stderr and exit code 2.
 """
@@ -22,7 +23,7 @@ import signal
 import sys
 from pathlib import Path
 
-from pipeline import lifetime, logs, slurm_cli
+from pipeline import lifetime, logs, search_cli, slurm_cli
 from pipeline.context import context_from_env
 from pipeline.inputs import manifest_inputs
 from pipeline.manifest import ManifestError, load_manifest
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True, type=Path, metavar="DIR", help="output folder")
     _add_inspect_parser(sub)
     slurm_cli.add_parsers(sub)
+    search_cli.add_parsers(sub)
     return parser
 
 
@@ -230,6 +232,8 @@ COMMANDS = {
     "run": _run,
     "export": _export,
     "inspect": _inspect,
+    "search": search_cli.search,
+    "serve": search_cli.serve,
     "submit": slurm_cli.submit,
     "slurm-steps": slurm_cli.slurm_steps,
 }

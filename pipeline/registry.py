@@ -19,6 +19,7 @@ from stages.caption import CaptionConfig
 from stages.download import DownloadConfig
 from stages.evaluate import EvaluateConfig
 from stages.finetune import FinetuneConfig
+from stages.index import IndexConfig
 from stages.realign import RealignConfig
 
 
@@ -39,6 +40,7 @@ STAGES = (
     StageSpec("finetune", FinetuneConfig, "stages.finetune", "training"),
     StageSpec("realign", RealignConfig, "stages.realign", "training"),
     StageSpec("evaluate", EvaluateConfig, "stages.evaluate", "data"),
+    StageSpec("index", IndexConfig, "stages.index", "data"),
 )
 STAGE_ORDER = tuple(spec.name for spec in STAGES)
 DATA_STAGES = tuple(spec.name for spec in STAGES if spec.kind == "data")

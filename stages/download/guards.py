@@ -89,6 +89,21 @@ class GuardedResizer(Resizer):
         return None, stream
 
 
+def header_refusal(data: bytes, max_image_area: float | None) -> str | None:
+    """Why a picture's bytes are refused before any pixel is decoded (empty, no header PIL can
+    read, more pixels than `max_image_area` in the header), or None. For pictures that come from
+    outside other than through img2dataset (the search server's uploads)."""
+    if not data:
+        return EMPTY_BODY
+    header = _header(io.BytesIO(data))
+    if header is None:
+        return "not a picture (no image header PIL can read)"
+    (width, height), _ = header
+    if max_image_area is not None and width * height > max_image_area:
+        return f"{AREA_TOO_LARGE}: {width} x {height} pixels in the header, more than {max_image_area:g}"
+    return None
+
+
 def _header(stream: io.BytesIO) -> tuple[tuple[int, int], bool] | None:
     """(size, has 16-bit samples) from the image header; PIL decodes no pixel until `.load()`."""
     stream.seek(0)

@@ -1,0 +1,278 @@
+"""Benchmark: the search product, every variant measured in this one run, one table.
+
+    .venv/bin/python benchmarks/search.py [--device cpu|cuda] [--rows 100000,1000000] [--dim 128]
+                                          [--queries 60] [--clients 4] [--images 2000] [--work DIR]
+
+Search: synthetic collections (seeded, clustered unit vectors, fp16 shard files of 100k rows laid
+out exactly as the index stage writes them, with their metadata parquet) of each `--rows` size;
+per size an exact index and an IVF-PQ index (stages/index/build.py, parameters from a 1 GiB budget,
+nprobe tuned to recall@10 >= 0.95 on 500 held-out vectors), each served by `serve`'s app (uvicorn
+on 127.0.0.1) and queried over HTTP by `--clients` threads: text queries (`GET /api/search?text=`,
+through a small CLIP's text tower) and image queries (`POST /api/search/image`, a JPEG through its
+image tower). Reported: queries/s, p50/p99 latency, recall@10 of IVF-PQ's answers against the exact
+index's answers to the same queries over the API, and the build time.
+
+Embedding: `--images` pictures in 4 image shards; the index stage's embedding loop
+(stages/index/embed.py: webdataset streaming, DataLoader workers, one pass per shard) against the
+evaluate stage's (stages/evaluate/embed.py: one file read per picture) on the same shards, same
+model (a 6-layer ViT, stages' default batch size 256 and 2 workers), model loading included in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+CHUNK = 100_000
+CENTRES = 4096
+WORDS = "red green blue yellow purple circle square triangle star small large dark light".split()
+
+
+def make_collection(folder: Path, model: str, rows: int, dim: int, seed: int = 0) -> list[str]:
+    """`meta/<shard>.parquet` and `<model>/vectors/<shard>.npy` as the index stage writes them."""
+    import pyarrow as pa
+
+    from shards.tables import write_parquet_atomic
+    from stages.index.embed import META_SCHEMA
+
+    rng0 = np.random.default_rng(seed)
+    centres = rng0.standard_normal((CENTRES, dim), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    shards = []
+    for i, start in enumerate(range(0, rows, CHUNK)):
+        unit, n = f"{i:06d}", min(CHUNK, rows - start)
+        shards.append(unit)
+        path = folder / model / "vectors" / f"{unit}.npy"
+        if path.exists():
+            continue
+        rng = np.random.default_rng([seed, i])
+        block = centres[rng.integers(0, CENTRES, n)] + rng.standard_normal((n, dim), dtype=np.float32) * (
+            0.6 / np.sqrt(dim)
+        )
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        keys = [f"{start + j:09d}" for j in range(n)]
+        table = {
+            "key": keys,
+            "url": [f"http://example.com/{k}.jpg" for k in keys],
+            "alt": [f"picture {k}" for k in keys],
+            "caption": [f"a {WORDS[j % len(WORDS)]} thing" for j in range(n)],
+            "captions": [[_phrase(start + j), _phrase(start + j + 7)] for j in range(n)],
+            "shard": [unit] * n,
+            "offset": [0] * n,
+            "size": [0] * n,
+        }
+        write_parquet_atomic(
+            pa.Table.from_pydict(table, schema=META_SCHEMA), folder / "meta" / f"{unit}.parquet"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, block.astype(np.float16))
+    return shards
+
+
+def _phrase(n: int) -> str:
+    """One of 2,197 distinct captions: the caption set whose texts tune the index for text queries."""
+    w = len(WORDS)
+    return f"a {WORDS[n % w]} {WORDS[(n // w) % w]} {WORDS[(n // w // w) % w]}"
+
+
+def build(root: Path, name: str, model: dict, shards: list[str], kind: str, device: str):
+    """The index stage's build unit for one model over existing shard files; returns (cfg, card)."""
+    from stages.base import RunContext, UnitPlan
+    from stages.index import IndexConfig, build_unit
+    from stages.index.build import build_model_index
+
+    cfg = IndexConfig(
+        name=name, model=model["arch"], config_dir=model["configs"], kind=kind, memory_mib=1024,
+        models=[{"name": "m", "checkpoint": str(model["checkpoint"])}], recall_sample=500, device=device,
+        captions="alt", texts=True,
+    )  # fmt: skip
+    folder = root / "index" / name
+    plan = UnitPlan(folder, "bench", {"seed": 0}, [build_unit("m")], {}, [build_unit("m")])
+    build_model_index(cfg, RunContext(root), plan, cfg.models[0], {u: root / f"{u}.tar" for u in shards})
+    return cfg, plan.done[build_unit("m")]["card"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values) * 1000, q))
+
+
+def query_load(url: str, queries: list, clients: int) -> tuple[float, list[float], list[list[str]]]:
+    """(queries/s, latencies, result keys per query) of `queries` sent by `clients` threads."""
+    import httpx
+
+    local = threading.local()
+
+    def one(query):
+        client = getattr(local, "client", None) or httpx.Client(base_url=url, timeout=600)
+        local.client = client
+        started = time.perf_counter()
+        if isinstance(query, bytes):
+            answer = client.post("/api/search/image", params={"k": 10}, content=query)
+        else:
+            answer = client.get("/api/search", params={"text": query, "k": 10})
+        answer.raise_for_status()
+        return time.perf_counter() - started, [h["key"] for h in answer.json()["results"]["m"]]
+
+    one(queries[0])  # warm-up: the model loads on the first query
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = list(pool.map(one, queries))
+    return len(queries) / (time.perf_counter() - started), [d[0] for d in done], [d[1] for d in done]
+
+
+def search_rows(root: Path, model: dict, rows: int, dim: int, args) -> list[list[str]]:
+    from captioning.bank_search import recall_at_k
+    from stages.index.search import SearchIndex
+    from stages.index.serve import make_app, running
+
+    texts = [
+        f"a {WORDS[i % len(WORDS)]} {WORDS[(i * 7) % len(WORDS)]} number {i}" for i in range(args.queries)
+    ]
+    pictures = [jpeg(i) for i in range(args.queries)]
+    out, answers = [], {}
+    for kind in ("exact", "ivfpq"):
+        name = f"bench-{rows}-{dim}"
+        shards = make_collection(root / "index" / name, "m", rows, dim)
+        started = time.perf_counter()
+        cfg, card = build(root, name, model, shards, kind, args.device)
+        built = time.perf_counter() - started
+        index = SearchIndex(root, cfg, "m", card, args.device)
+        with running(make_app({"m": index}, max_upload_bytes=1 << 20)) as url:
+            for what, queries in (("text", texts), ("image", pictures)):
+                qps, latency, keys = query_load(url, queries, args.clients)
+                answers[kind, what] = keys
+                recall = (
+                    "1 (is exact)"
+                    if kind == "exact"
+                    else f"{_recall(recall_at_k, keys, answers['exact', what]):.3f}"
+                )
+                params = "" if kind == "exact" else _parameters(card)
+                out.append(
+                    [f"{rows:,}", kind, what, f"{qps:.1f}", f"{percentile(latency, 50):.0f}",
+                     f"{percentile(latency, 99):.0f}", recall, f"{built:.0f} s", params]
+                )  # fmt: skip
+                print(" | ".join(out[-1]), flush=True)
+    return out
+
+
+def _parameters(card: dict) -> str:
+    held_out = f"{card['recall_at_k']:.3f} pictures, {card.get('recall_at_k_texts', 0):.3f} texts"
+    return f"nlist {card['nlist']}, m {card['pq_m']}, nprobe {card['nprobe']}; held-out recall {held_out}"
+
+
+def _recall(recall_at_k, found: list[list[str]], exact: list[list[str]]) -> float:
+    ids = {key: i for row in exact + found for i, key in enumerate({k for r in exact + found for k in r})}
+    to_ids = lambda rows: np.array([[ids[k] for k in r] + [-1] * (10 - len(r)) for r in rows])  # noqa: E731
+    return recall_at_k(to_ids(found), to_ids(exact))
+
+
+def jpeg(n: int) -> bytes:
+    from examples.image_server import generated_jpeg
+
+    return generated_jpeg(n, size=96)
+
+
+def embedding_rows(root: Path, model: dict, images: int, device: str, repeats: int) -> list[list[str]]:
+    """images/s of the index stage's loop against the evaluate stage's on the same 4 shards."""
+    from captioning.clip_models import load_clip
+    from shards import markers
+    from shards.tars import write_tar_atomic
+    from stages.base import RunContext, plan_units
+    from stages.evaluate.datasets import shard_images
+    from stages.evaluate.embed import embed_images
+    from stages.index import IndexConfig
+    from stages.index.embed import embed_shards
+
+    run = root / "embed-run"
+    per = images // 4
+    for s in range(4):
+        samples = [
+            (f"{n:09d}", {"jpg": jpeg(n), "txt": b"alt", "cls": b"0"}) for n in range(s * per, (s + 1) * per)
+        ]
+        info = write_tar_atomic(run / "images" / f"{s:06d}.tar", samples)
+        markers.write_marker(
+            run / "images", f"{s:06d}", {"fingerprint": "bench", "counts": {"ok": per}, **info}
+        )
+    markers.write_success(run / "images", {"stage": "download", "fingerprint": "bench"})
+    entry = {"name": "m", "checkpoint": str(model["checkpoint"])}
+    cfg = IndexConfig(model=model["arch"], config_dir=model["configs"], models=[entry], device=device)
+    units = [f"{s:06d}" for s in range(4)]
+
+    def ours() -> float:
+        started = time.perf_counter()
+        ctx = RunContext(run, force=True)  # every repeat embeds all shards again
+        plan = plan_units("index", run / "index" / "bench", units, {"run": time.time()}, ctx)
+        embed_shards(cfg, RunContext(run), plan, {u: run / "images" / f"{u}.tar" for u in units})
+        return time.perf_counter() - started
+
+    def theirs() -> float:
+        started = time.perf_counter()
+        clip = load_clip(model["arch"], model["checkpoint"], model["configs"], device)
+        embed_images(clip, shard_images(run)[0], batch_size=256, num_workers=2)
+        return time.perf_counter() - started
+
+    times = {"ours": [], "theirs": []}
+    for _ in range(repeats):  # alternating, so a load change on the shared machine hits both
+        times["ours"].append(ours())
+        times["theirs"].append(theirs())
+    a, b = (float(np.median(times[k])) for k in ("ours", "theirs"))
+    spread = lambda k: f"{min(times[k]):.1f}-{max(times[k]):.1f} s"  # noqa: E731
+    return [
+        ["index stage (stages/index/embed.py)", f"{images / a:.0f}", f"{b / a:.2f}x", spread("ours")],
+        ["evaluate stage (stages/evaluate/embed.py)", f"{images / b:.0f}", "1.00x", spread("theirs")],
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", default="100000,1000000")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--queries", type=int, default=60)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3, help="embedding loops: runs of each, median")
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    import torch
+
+    from examples import tiny_models as tm
+
+    torch.set_num_threads(2)
+    work = args.work or Path(tempfile.mkdtemp(prefix="search-bench-"))
+    config = tm.small_clip_config()
+    config["embed_dim"] = args.dim
+    arch, checkpoint, configs = tm.save_tiny_clip(
+        work / "model", name=f"bench-clip-{args.dim}", config=config
+    )
+    model = {"arch": arch, "checkpoint": checkpoint, "configs": configs}
+    print(f"work folder {work}; {os.cpu_count()} CPUs; device {args.device}", flush=True)
+    sizes = [int(r) for r in args.rows.split(",") if r]  # --rows "": the embedding comparison alone
+    search = [row for rows in sizes for row in search_rows(work, model, rows, args.dim, args)]
+    embedding = embedding_rows(work, model, args.images, args.device, args.repeats)
+    head = ["vectors", "index", "query", "queries/s", "p50 ms", "p99 ms", "recall@10", "build", "parameters"]
+    print(
+        f"\n{args.dim}-d vectors, {args.queries} queries per row from {args.clients} client threads, k 10\n"
+    )
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for row in search:
+        print("| " + " | ".join(row) + " |")
+    print(f"\nembedding {args.images} pictures (96 px JPEG, 6-layer ViT at 64 px, batch 256, 2 workers)\n")
+    print(f"| loop | images/s (median of {args.repeats}) | speed vs evaluate | runs |\n|---|---:|---:|---:|")
+    for row in embedding:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The index stage's embedding loop: this rank's shards through DataLoader workers (decode + the
+models' eval transform, stages/caption/images.py), every batch through every model, and per shard
+`<model>/vectors/<shard>.npy` (fp16) and `meta/<shard>.parquet`, then its marker (last).
+
+A shard's rows are its decodable pictures in tar order; an undecodable one is counted, not indexed.
+The metadata comes from one pass over the tar's member headers (offsets of each `.jpg`, the `.txt`
+alt text, the img2dataset `.json`'s url), so a picture can later be read by key from its offset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from shards.atomic import atomic_write, remove_orphans
+from shards.captions import ALT_TEXT, CaptionShardError, read_caption_shard
+from shards.tables import write_parquet_atomic
+from shards.tars import split_member_name
+from stages.base import RunContext, UnitPlan
+from stages.errors import ShardError, StageConfigError
+from stages.layout import RunLayout
+
+log = logging.getLogger(__name__)
+
+META_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("alt", pa.string()),
+        ("caption", pa.string()),  # the best caption of the caption set (or the alt text), may be null
+        ("captions", pa.list_(pa.string())),
+        ("shard", pa.string()),
+        ("offset", pa.int64()),  # of the .jpg member's data in the tar
+        ("size", pa.int64()),
+    ]
+)
+MAX_META_BYTES = 1 << 20  # a .txt/.json member larger than this is not read (hostile or not metadata)
+
+
+@dataclass
+class Member:
+    key: str
+    offset: int
+    size: int
+    alt: str = ""
+    url: str = ""
+
+
+def meta_path(folder: Path, unit: str) -> Path:
+    return Path(folder) / "meta" / f"{unit}.parquet"
+
+
+def vectors_path(folder: Path, model: str, unit: str) -> Path:
+    return Path(folder) / model / "vectors" / f"{unit}.npy"
+
+
+def scan_tar(tar: Path) -> dict[str, Member]:
+    """Every key with a `.jpg` member: its offset and size, alt text and url, in file order."""
+    found: dict[str, Member] = {}
+    extras: dict[str, dict[str, str]] = {}
+    try:
+        with tarfile.open(tar, "r:") as archive:
+            for info in archive:
+                if not info.isfile():
+                    continue
+                key, ext = split_member_name(info.name)
+                if ext == "jpg":
+                    found[key] = Member(key, info.offset_data, info.size)
+                elif ext in ("txt", "json") and info.size <= MAX_META_BYTES:
+                    extras.setdefault(key, {})[ext] = (
+                        archive.extractfile(info).read().decode("utf-8", "replace")
+                    )
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ShardError(f"{tar}: damaged image shard ({err}); `run --repair` redoes it") from None
+    for key, member in found.items():
+        member.alt = extras.get(key, {}).get("txt", "")
+        member.url = _url(extras.get(key, {}).get("json"))
+    return found
+
+
+def _url(text: str | None) -> str:
+    try:
+        value = json.loads(text).get("url") if text else None
+    except (json.JSONDecodeError, AttributeError):
+        return ""
+    return value if isinstance(value, str) else ""
+
+
+def load_models(cfg, root: Path) -> dict:
+    """Every model of the config, by name (errors name the model)."""
+    from captioning.base import CaptionerError
+    from captioning.clip_models import load_clip
+    from stages.evaluate import model_checkpoint
+
+    models = {}
+    for entry in cfg.models:
+        try:
+            models[entry.name] = load_clip(
+                cfg.model, model_checkpoint(root, entry), cfg.config_dir, cfg.device
+            )
+        except CaptionerError as err:
+            raise StageConfigError(f"index: model {entry.name!r}: {err}") from None
+    return models
+
+
+def _captions(
+    cfg, root: Path, unit: str, keys: list[str], members: dict[str, Member]
+) -> dict[str, list[str]]:
+    if cfg.captions is None:
+        return {key: [] for key in keys}
+    if cfg.captions == ALT_TEXT:
+        return {key: [members[key].alt] if members[key].alt.strip() else [] for key in keys}
+    path = RunLayout(root).caption_shard(cfg.captions, unit)
+    try:
+        rows = read_caption_shard(path, list(members))
+    except CaptionShardError as err:
+        raise ShardError(str(err)) from None
+    return {key: list(rows[key].captions) for key in keys}
+
+
+class _ShardOutput:
+    """Rows of one shard as its batches arrive; written when its end-of-shard item comes."""
+
+    def __init__(self, models: list[str]) -> None:
+        self.keys: list[str] = []
+        self.vectors: dict[str, list[np.ndarray]] = {m: [] for m in models}
+        self.corrupt = 0
+
+
+def embed_shards(cfg, ctx: RunContext, plan: UnitPlan, tars: dict[str, Path]) -> None:
+    from stages.caption.images import image_batches
+
+    folder = plan.stage_dir
+    for unit in tars:  # temporary files a killed run left for this rank's units
+        remove_orphans(folder / "meta", unit)
+        for entry in cfg.models:
+            remove_orphans(folder / entry.name / "vectors", unit)
+    models = load_models(cfg, ctx.root)
+    first = next(iter(models.values()))
+    loader = image_batches(
+        list(tars.items()), [first.preprocess], first.image_size, cfg.batch_size, cfg.num_workers
+    )
+    outputs: dict[str, _ShardOutput] = {}
+    progress = tqdm(total=len(tars), desc=f"index[{cfg.name}]", unit="shard", disable=not ctx.is_main)
+    for batch in loader:
+        items = [item for item in batch["items"] if not item.get("end")]
+        ok = [item for item in items if item["ok"]]
+        for item in items:
+            out = outputs.setdefault(item["unit"], _ShardOutput(list(models)))
+            out.corrupt += not item["ok"]
+            out.keys += [item["key"]] if item["ok"] else []
+        if ok:
+            unit = ok[0]["unit"]
+            for name, clip in models.items():
+                outputs[unit].vectors[name].append(clip.encode_images(batch["tensors"][0]).numpy())
+        for item in batch["items"]:
+            if item.get("end"):
+                out = outputs.pop(item["unit"], _ShardOutput(list(models)))
+                _write_shard(cfg, ctx, plan, item["unit"], tars[item["unit"]], out, item["count"])
+                progress.update(1)
+    progress.close()
+
+
+def _write_shard(cfg, ctx, plan: UnitPlan, unit: str, tar: Path, out: _ShardOutput, count: int) -> None:
+    members = scan_tar(tar)
+    if count != len(members) or any(key not in members for key in out.keys):
+        raise ShardError(
+            f"{tar}: {count} samples read, {len(members)} pictures in its headers; `run --repair`"
+        )
+    folder, files = plan.stage_dir, []
+    for name, chunks in out.vectors.items():
+        dim = chunks[0].shape[1] if chunks else 0
+        array = np.concatenate(chunks).astype(np.float16) if chunks else np.zeros((0, dim), np.float16)
+        path = vectors_path(folder, name, unit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as handle:
+            np.save(handle, np.ascontiguousarray(array))
+        files.append(path)
+    captions = _captions(cfg, ctx.root, unit, out.keys, members)
+    rows = [
+        {
+            "key": key,
+            "url": members[key].url,
+            "alt": members[key].alt,
+            "caption": captions[key][0] if captions[key] else None,
+            "captions": captions[key],
+            "shard": unit,
+            "offset": members[key].offset,
+            "size": members[key].size,
+        }
+        for key in out.keys
+    ]
+    meta = meta_path(folder, unit)
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=META_SCHEMA), meta)
+    counts = {"images": len(out.keys), "corrupt_images": out.corrupt}
+    plan.mark_done(unit, {"counts": counts}, outputs=[meta, *files])
