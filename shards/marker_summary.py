@@ -1,12 +1,15 @@
 """Every marker of a stage, read once: the whole-stage view (`status`, `plan`, `_SUCCESS.json`).
 
     summary = summary_file(root, stage_dir)                # <root>/logs/summaries/images.json
-    found = read_all_markers(stage_dir, units, summary)    # {unit: marker without its "settings"}
+    found = read_all_markers(stage_dir, units, summary)    # {unit: its marker, slimmed (below)}
     changed = outputs_changed(stage_dir, marker)           # a cheap stat of its files (size, mtime)
 
 The summary (under the run root's `logs/`, with the other run bookkeeping, not among the outputs)
-keeps each marker as it was read (without its settings, which every unit shares
-and which only a fingerprint mismatch needs: read that marker itself) keyed by the marker file's
+keeps each marker as it was read, slimmed: without its settings (every unit shares them; only a
+fingerprint mismatch needs them), its timings, and its outputs' content summaries (kept: each file's
+size and mtime, the quick check's part), marked `"slim": true`; what needs the rest (a file that
+changed, the full check) reads that one marker itself (`full_marker`). Entries are keyed by the marker
+file's
 (inode, size, mtime_ns, ctime_ns). An entry is used only while its marker file still has that key: a
 marker written, replaced, edited or removed since is seen by its stat (ctime cannot be put back), and
 the summary is written by rename, so a crash can leave it old or missing but never make it say more
@@ -29,7 +32,7 @@ from shards.markers import DONE_DIR, OUTPUTS, read_marker
 
 log = logging.getLogger(__name__)
 
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 _memory: dict[str, dict[str, Any]] = {}  # summary file -> its entries, for this process
 
 
@@ -61,13 +64,13 @@ def read_all_markers(stage_dir: Path, units: list[str], summary: Path) -> dict[s
                 continue
             key = [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
             entry = entries.get(unit)
-            if entry is None or entry["stat"] != key:
+            if entry is None or entry[:4] != key:
                 marker = read_marker(stage_dir, unit)
                 if marker is None:  # removed between the stat and the read
                     continue
-                entry, changed = {"stat": key, "marker": _without_settings(marker)}, True
+                entry, changed = [*key, slim(marker)], True
             fresh[unit] = entry
-            found[unit] = entry["marker"]
+            found[unit] = entry[4]
     finally:
         os.close(folder_fd)
     if changed:  # entries of removed markers are dropped then too; alone they are harmless
@@ -97,8 +100,24 @@ def open_folder(stage_dir: Path) -> int | None:
         return None
 
 
-def _without_settings(marker: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in marker.items() if k != "settings"}
+SLIM = "slim"  # a marker as the summary keeps it
+_DROPPED = frozenset({"settings", "finished_at", "seconds", "rank", "unit"})
+
+
+def slim(marker: dict[str, Any]) -> dict[str, Any]:
+    """The marker without settings and timings, each output only as its size and mtime."""
+    kept = {k: v for k, v in marker.items() if k not in _DROPPED}
+    if OUTPUTS in kept:
+        kept[OUTPUTS] = {
+            p: {"bytes": r.get("bytes"), "mtime_ns": r.get("mtime_ns")} for p, r in kept[OUTPUTS].items()
+        }
+    kept[SLIM] = True
+    return kept
+
+
+def full_marker(stage_dir: Path, unit: str, marker: dict[str, Any]) -> dict[str, Any]:
+    """`marker` itself, or for a slim one the marker file as it is now (empty when it is gone)."""
+    return (read_marker(stage_dir, unit) or {}) if marker.get(SLIM) else marker
 
 
 def _load(summary: Path) -> dict[str, dict[str, Any]]:
@@ -121,12 +140,8 @@ def _load(summary: Path) -> dict[str, dict[str, Any]]:
 
 
 def _is_entry(entry: Any) -> bool:
-    return (
-        isinstance(entry, dict)
-        and isinstance(entry.get("marker"), dict)
-        and isinstance(entry.get("stat"), list)
-        and len(entry["stat"]) == 4
-    )
+    """[inode, size, mtime_ns, ctime_ns, slim marker]"""
+    return isinstance(entry, list) and len(entry) == 5 and isinstance(entry[4], dict)
 
 
 def _store(summary: Path, entries: dict[str, dict[str, Any]]) -> None:

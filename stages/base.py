@@ -191,6 +191,7 @@ def damaged_units(
         for unit, marker in done.items():
             if not full and not marker_summary.outputs_changed(stage_dir, marker, folder_fd):
                 continue
+            marker = marker_summary.full_marker(stage_dir, unit, marker)  # the whole record, to check
             problems = verify.check_outputs(stage_dir, marker.get(markers.OUTPUTS) or {}, full)
             if problems:
                 damaged[unit] = problems

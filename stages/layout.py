@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from shards.marker_summary import SLIM
 from shards.markers import DONE_DIR, OUTPUTS, SUCCESS_FILE
 from shards.naming import list_shards, rank_split
 from stages.base import DamagedOutput, damaged_units, read_markers
@@ -234,7 +235,8 @@ class RunLayout:
 
 def _outputs_only(marker: dict[str, Any]) -> dict[str, Any]:
     """What a finished stage keeps of a marker (its settings can be large and are not needed)."""
-    return {OUTPUTS: marker[OUTPUTS]} if OUTPUTS in marker else {}
+    kept = {OUTPUTS: marker[OUTPUTS]} if OUTPUTS in marker else {}
+    return {**kept, SLIM: True} if marker.get(SLIM) else kept  # the full check reads the rest
 
 
 def read_labels(layout: RunLayout) -> list | None:

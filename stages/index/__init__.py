@@ -98,12 +98,15 @@ def build_unit(model: str) -> str:
     return f"{BUILD_PREFIX}{model}"
 
 
-def shard_sources(cfg: IndexConfig, root: Path) -> tuple[dict[str, Path], str]:
-    """(shard name -> tar, identity of the input): this run's finished download, or the glob's tars
-    by content (names are the tars' stems)."""
+def shard_sources(
+    cfg: IndexConfig, root: Path, share: tuple[int, int] | None = None
+) -> tuple[dict[str, Path], str]:
+    """(shard name -> tar, identity of the input): this run's finished download (its units of
+    `share`, (rank, world size), checked; all without it), or the glob's tars by content (names are
+    the tars' stems)."""
     layout = RunLayout(root)
     if cfg.images is None:
-        done = layout.downloaded()
+        done = layout.downloaded(share=share)
         return {u: layout.image_tar(u) for u in done.units}, done.fingerprint
     from shards.identity import file_sha256
 
@@ -165,7 +168,7 @@ def run(cfg: IndexConfig, ctx: RunContext) -> StageResult:
     """Embed this rank's pending shards; then build the indexes this rank owns once every shard is done."""
     from stages.index import build, embed
 
-    shards, identity = shard_sources(cfg, ctx.root)
+    shards, identity = shard_sources(cfg, ctx.root, share=(ctx.rank, ctx.world_size))  # shards come first
     folder = stage_dir(ctx.root, cfg)
     units = list(shards) + [build_unit(m.name) for m in cfg.models]
     plan = plan_units(NAME, folder, units, settings_of(cfg, ctx.root, identity, ctx.seed), ctx)

@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from captioning.bank_search import BankVectors, ExactSearch, recall_at_k, write_texts
-from shards import markers
 from shards.atomic import atomic_write, remove_orphans, tmp_path_for, write_json_atomic
+from stages.base import read_markers
 from stages.errors import ShardError
 from stages.index.embed import meta_path, vectors_path
 
@@ -46,7 +46,7 @@ def wait_for_shards(plan, shards: list[str], wait_seconds: float, ctx) -> None:
     (and the rank that owns them) when none appeared for `wait_seconds`."""
     last_change, seen = time.monotonic(), -1
     while True:
-        found = markers.read_markers(plan.stage_dir, shards)
+        found = read_markers(plan.stage_dir, shards, plan.root)  # through the summary: a stat each
         done = [u for u, m in found.items() if m.get("fingerprint") == plan.fingerprint]
         if len(done) == len(shards):
             return
