@@ -221,5 +221,16 @@ def epoch_loader(
     )
 
 
+def loaders(dataset, engine, micro_batch: int, global_batch: int, workers: int):
+    """`batches(epoch, start_step) -> DataLoader` of this engine's rank, for the training loop."""
+
+    def batches(epoch: int, start: int) -> DataLoader:
+        return epoch_loader(
+            dataset, epoch, engine.rank, engine.world_size, micro_batch, global_batch, start, workers
+        )
+
+    return batches
+
+
 def steps_per_epoch(num_samples: int, global_batch: int) -> int:
     return num_samples // global_batch

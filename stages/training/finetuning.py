@@ -12,8 +12,8 @@ from stages.errors import StageConfigError
 from stages.layout import RunLayout, read_labels
 from stages.training.data import (
     CaptionedImages,
-    epoch_loader,
     index_samples,
+    loaders,
     steps_per_epoch,
     train_transform,
 )
@@ -70,17 +70,7 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
     )
     drop_stale_checkpoints(plan.stage_dir, plan.fingerprint, ctx, engine)
 
-    def batches(epoch: int, start: int):
-        return epoch_loader(
-            dataset,
-            epoch,
-            engine.rank,
-            engine.world_size,
-            cfg.batch_size,
-            global_batch,
-            start,
-            cfg.num_workers,
-        )
+    batches = loaders(dataset, engine, cfg.batch_size, global_batch, cfg.num_workers)
 
     result = run_loop(
         engine,

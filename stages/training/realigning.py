@@ -23,9 +23,9 @@ from stages.layout import RunLayout
 from stages.training.data import (
     CaptionedImages,
     EmbeddedTexts,
-    epoch_loader,
     eval_transform,
     index_samples,
+    loaders,
     steps_per_epoch,
 )
 from stages.training.engine import gather_with_grad
@@ -92,17 +92,7 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
     )
     drop_stale_checkpoints(plan.stage_dir, plan.fingerprint, ctx, engine)
 
-    def batches(epoch: int, start: int):
-        return epoch_loader(
-            dataset,
-            epoch,
-            engine.rank,
-            engine.world_size,
-            cfg.batch_size,
-            global_batch,
-            start,
-            cfg.num_workers,
-        )
+    batches = loaders(dataset, engine, cfg.batch_size, global_batch, cfg.num_workers)
 
     result = run_loop(
         engine,
