@@ -257,8 +257,7 @@ def plan_units(
         Path(stage_dir), fingerprint, settings, list(units), done, mine, share, ctx.rank, ctx.world_size
     )
     plan.split_by_rank, plan.root = split_by_rank, ctx.root
-    if mine and split_by_rank:  # the stage is not complete: say so before any work
-        markers.clear_success(stage_dir)
+    if mine and split_by_rank and ctx.world_size > 1:  # this share is not done: say so before any work
         _rank_file(plan).unlink(missing_ok=True)
     return plan
 
@@ -289,8 +288,9 @@ def finish_stage(stage: str, plan: UnitPlan, units_run: int, merge_counts) -> St
     """When every unit is done (and its files match), write `_SUCCESS.json` with merged counts.
 
     One process that sees every unit knows from its plan (a training stage's ranks re-read its few
-    markers, written by rank 0). A rank of many leaves its `_ranks` file once its share is done; the
-    rank that then finds all of them reads every marker once and writes `_SUCCESS.json`."""
+    markers, written by rank 0). A rank of many leaves its `_ranks` file once its share is done (and
+    removes it when its share has work again); the rank that then finds all of them reads every
+    marker once and writes `_SUCCESS.json`, unless it is there already and this rank did nothing."""
     if plan.world_size == 1:
         if units_run and len(plan.units) > 1:  # the summary learns the markers written now
             read_markers(plan.stage_dir, plan.units, plan.root)
@@ -301,11 +301,11 @@ def finish_stage(stage: str, plan: UnitPlan, units_run: int, merge_counts) -> St
     if len(own) == len(plan.share):
         payload = {"fingerprint": plan.fingerprint, "units": len(own), "counts": merge_counts(own)}
         write_json_atomic(_rank_file(plan), payload)
-    success = _read_success(plan.stage_dir)
-    if success.get("fingerprint") == plan.fingerprint and not plan.mine:
-        return StageResult(stage, len(plan.units), len(plan.units), units_run, success.get("counts", {}))
     ranks = _rank_files(plan)
-    if len(ranks) == plan.world_size:
+    if len(ranks) == plan.world_size:  # every share done since its rank last had work
+        success = _read_success(plan.stage_dir)
+        if success.get("fingerprint") == plan.fingerprint and not units_run:  # checked when written
+            return StageResult(stage, len(plan.units), len(plan.units), units_run, success.get("counts", {}))
         found = read_markers(plan.stage_dir, plan.units, plan.root)
         return _finish_whole(stage, plan, units_run, merge_counts, found)
     done = sum(int(r.get("units", 0)) for r in ranks.values())

@@ -275,49 +275,62 @@ def _updated_record(
         entry = known.get(name)
         if entry and (entry.size, entry.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
             if not reuse_columns:  # other columns wanted now: their presence, not the hash, is new
-                _check_file_columns(path, fmt, columns)
+                _check_file_columns(path, fmt, cfg)
         else:
-            entry = _file_entry(name, path, fmt, columns, stat, entry)
+            entry = _file_entry(name, path, fmt, cfg, stat, entry)
         files.append(entry)
     record = InputRecord(format=fmt, columns=columns, files=files, label_col=cfg.label_col)
+    if record.total_rows == 0:  # what is wrong with the files themselves comes first
+        raise StageConfigError(f"{cfg.url_list}: the URL table has no rows")
     changes = _content_changes(old, record)
+    labels_unchanged = old and old.labels is not None and old.label_col == cfg.label_col and not changes
+    if cfg.label_col:  # its own errors (an empty label) before the change is reported
+        record.labels = old.labels if labels_unchanged else _scan_labels(cfg, paths, fmt)
     if changes and not force and _has_done_units(root):
         shown = "; ".join(changes[:3]) + (f"; {len(changes) - 3} more" if len(changes) > 3 else "")
         raise StageConfigError(
             f"url_list {cfg.url_list} changed since this run recorded it ({shown}); "
             "its shards would no longer match: rerun with --force to redo the download"
         )
-    labels_unchanged = old and old.labels is not None and old.label_col == cfg.label_col and not changes
-    if cfg.label_col:
-        record.labels = old.labels if labels_unchanged else _scan_labels(cfg, paths, fmt)
     return record
 
 
-def _check_file_columns(path: Path, fmt: str, columns: list[str]) -> None:
+def _check_file_columns(path: Path, fmt: str, cfg) -> None:
+    """The file opens and has the wanted columns; parquet's url and caption columns are of a type
+    that reads as text (text formats: checked row by row when counted)."""
     try:
-        check_columns(path, fmt, columns)
+        check_columns(path, fmt, wanted_columns(cfg))
     except TableError as err:
         raise StageConfigError(str(err)) from None
+    if fmt == "parquet":
+        empty = pq.read_schema(path).empty_table()
+        for name in text_columns(cfg):
+            _text_column(empty, name, path)
 
 
-def _file_entry(
-    name: str, path: Path, fmt: str, columns: list[str], stat, old: InputFile | None
-) -> InputFile:
-    _check_file_columns(path, fmt, columns)
+def text_columns(cfg) -> list[str]:
+    return [c for c in (cfg.url_col, cfg.caption_col) if c]
+
+
+def _file_entry(name: str, path: Path, fmt: str, cfg, stat, old: InputFile | None) -> InputFile:
+    _check_file_columns(path, fmt, cfg)
     digest = sha256_of(path)
     if old is not None and old.sha256 == digest:  # touched, not changed
         rows = old.rows
     else:
-        rows = _count_checked(path, fmt, columns) if fmt != "parquet" else count_rows(path, fmt)
+        rows = _count_checked(path, fmt, cfg) if fmt != "parquet" else count_rows(path, fmt)
     return InputFile(name=name, size=stat.st_size, mtime_ns=stat.st_mtime_ns, sha256=digest, rows=rows)
 
 
-def _count_checked(path: Path, fmt: str, columns: list[str]) -> int:
-    """A text file's rows, by one pass that also parses its columns (an error names the file)."""
-    try:
-        return sum(batch.num_rows for batch in iter_batches(path, fmt, columns))
-    except TableError as err:
-        raise StageConfigError(str(err)) from None
+def _count_checked(path: Path, fmt: str, cfg) -> int:
+    """A text file's rows, by one pass that also parses its columns and reads its url and caption
+    as UTF-8 text (an error names the file and the column)."""
+    rows = 0
+    for batch in read_batches(path, fmt, wanted_columns(cfg)):
+        for name in text_columns(cfg):
+            _text_column(batch, name, path)
+        rows += batch.num_rows
+    return rows
 
 
 def _content_changes(old: InputRecord | None, new: InputRecord) -> list[str]:
@@ -407,7 +420,7 @@ def deep_check(cfg) -> None:
     except TableError as err:
         raise StageConfigError(str(err)) from None
     fmt = _format(cfg, paths)
-    text = [c for c in (cfg.url_col, cfg.caption_col) if c]
+    text = text_columns(cfg)
     for path in paths:
         if fmt == "parquet":
             schema = pq.read_schema(path)
