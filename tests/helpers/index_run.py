@@ -10,6 +10,7 @@ import yaml
 
 from shards import markers
 from shards.tars import write_tar_atomic
+from tests.conftest import FAKE_MARKER
 
 HOSTILE = '<img src=x onerror="document.title=\'pwned\'"><b>bold</b> & "quotes"'
 CORRUPT = "000000004"
@@ -35,9 +36,8 @@ def write_shards(root: Path, shards: int = 2, per_shard: int = 6) -> list[str]:
             )
             keys.append(key)
         info = write_tar_atomic(images / f"{s:06d}.tar", samples)
-        markers.write_marker(
-            images, f"{s:06d}", {"fingerprint": "made-by-test", "counts": {"ok": per_shard}, **info}
-        )
+        marker = {**FAKE_MARKER, "unit": f"{s:06d}", "counts": {"ok": per_shard}, **info}
+        markers.write_marker(images, f"{s:06d}", marker)
     markers.write_success(images, {"stage": "download", "fingerprint": "made-by-test"})
     return keys
 
