@@ -22,6 +22,7 @@ from stages.download.inputs import (
     UrlInput,
     concat_tables,
     input_folder,
+    input_lock,
     normalize,
     read_batches,
     waiting_lock,
@@ -43,7 +44,7 @@ def ensure_split(url_input: UrlInput) -> None:
     folder = split_folder(url_input.root, url_input.cfg, url_input.record)
     if (folder / SPLIT_DONE).exists():
         return
-    with waiting_lock(input_folder(url_input.root) / "record.lock", "the split of the URL files"):
+    with waiting_lock(input_lock(url_input.root), "the split of the URL files"):
         if (folder / SPLIT_DONE).exists():
             return
         for old in input_folder(url_input.root).glob("split-*"):

@@ -6,9 +6,9 @@ Writes `<root>/images/_input/record.json`: per file its name, size, mtime_ns, sh
        and the class names of the label column (csv/tsv/jsonl inputs are split into per-unit files
        once: stages/download/input_split.py).
 
-The first process that needs the record computes it under `_input/record.lock`, hashing each file
-once; every other rank and node waits for it and then only compares each file's size and mtime with
-it, so nobody hashes the table again. A file whose size or mtime changed is hashed again: the same
+The first process that needs the record computes it under `logs/locks/download-input.lock`,
+hashing each file once; every other rank and node waits for it and then only compares each file's
+size and mtime with it, so nobody hashes the table again. A file whose size or mtime changed is hashed again: the same
 content updates the record; other content, or a file added or removed, is one error naming the file
 while units are done (with `--force` the record is updated and the new fingerprint redoes them).
 Row `r` of the whole input is row `r - offset(k)` of file `k` (files in sorted name order).
@@ -212,6 +212,11 @@ def input_folder(root: Path) -> Path:
     return Path(root) / "images" / "_input"
 
 
+def input_lock(root: Path) -> Path:
+    """Held while the record is computed or the text files are split (with the other run locks)."""
+    return Path(root) / "logs" / "locks" / "download-input.lock"
+
+
 def open_input(cfg, root: Path, force: bool = False) -> UrlInput:
     """The run's URL files and their record: read, checked by size and mtime, or computed once."""
     try:
@@ -222,7 +227,7 @@ def open_input(cfg, root: Path, force: bool = False) -> UrlInput:
     record_path = input_folder(root) / "record.json"
     record = _read_record(record_path)
     if not _is_current(record, cfg, names, paths):
-        with waiting_lock(input_folder(root) / "record.lock", "the URL files' record"):
+        with waiting_lock(input_lock(root), "the URL files' record"):
             record = _read_record(record_path)  # another rank may have written it meanwhile
             if not _is_current(record, cfg, names, paths):
                 record = _updated_record(record, cfg, names, paths, root, force)
