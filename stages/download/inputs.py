@@ -8,9 +8,10 @@ Writes `<root>/images/_input/record.json`: per file its name, size, mtime_ns, sh
 
 The first process that needs the record computes it under `logs/locks/download-input.lock`,
 hashing each file once; every other rank and node waits for it and then only compares each file's
-size and mtime with it, so nobody hashes the table again. A file whose size or mtime changed is hashed again: the same
-content updates the record; other content, or a file added or removed, is one error naming the file
-while units are done (with `--force` the record is updated and the new fingerprint redoes them).
+size and mtime with it, so nobody hashes the table again. A file whose size or mtime changed is
+hashed again: the same content updates the record; other content, or a file added or removed, is
+one error naming the file while units are done (with `--force` the record is updated and the new
+fingerprint redoes them).
 Row `r` of the whole input is row `r - offset(k)` of file `k` (files in sorted name order).
 """
 
