@@ -34,7 +34,7 @@ from tqdm import tqdm
 from shards import markers
 from shards.atomic import write_json_atomic
 from shards.identity import sha256_of
-from shards.locks import FileLock, LockHeld
+from shards.locks import FileLock, LockHeld, LockUnusable
 from shards.naming import list_shards, shard_name
 from shards.tables import TableError, check_columns, first_line, infer_format
 from shards.url_files import count_rows, iter_batches, read_parquet_rows, resolve_url_files
@@ -405,6 +405,8 @@ class waiting_lock:
         while True:
             try:
                 return self.lock.__enter__()
+            except LockUnusable as err:  # a folder or a file where the lock should be: one line
+                raise StageError(f"{self.what}: {err}") from None
             except LockHeld as held:
                 waited = time.monotonic() - started
                 if waited > self.timeout_s:
