@@ -121,22 +121,16 @@ class UrlInput:
             a, b = max(start, lo) - lo, min(stop, hi) - lo
             if b > a:
                 raw = read_parquet_rows(self.paths[k], a, b, wanted_columns(self.cfg))
-                pieces.append(self._normalized(raw, self.paths[k], lo + a))
+                pieces.append(normalize(raw, self.cfg, self.paths[k], lo + a, self.labels))
         return concat_tables(pieces)
 
     def read_rows(self, rows: list[int]) -> pa.Table:
         """The given global rows (a retry shard's), read unit range by unit range, in that order."""
         size = self.cfg.samples_per_shard
-        tables = []
-        for base in sorted({row // size for row in rows}):
-            table = self.read_range(base * size, min((base + 1) * size, self.num_rows))
-            tables.append(table)
-        whole = concat_tables(tables)
+        bases = sorted({row // size for row in rows})
+        whole = concat_tables([self.read_range(b * size, min((b + 1) * size, self.num_rows)) for b in bases])
         position = {row: i for i, row in enumerate(whole[ROW_COLUMN].to_pylist())}
         return whole.take(pa.array([position[row] for row in rows], pa.int64()))
-
-    def _normalized(self, raw: pa.Table, path: Path, first_row: int) -> pa.Table:
-        return normalize(raw, self.cfg, path, first_row, self.labels)
 
     def _read_split_range(self, start: int, stop: int) -> pa.Table:
         from stages.download.input_split import split_folder
