@@ -19,6 +19,7 @@ from typing import Any
 from pipeline import run_log
 from pipeline.manifest import Manifest, resolved_yaml
 from pipeline.registry import stage_module
+from shards import marker_view
 from shards.atomic import write_text_atomic
 from shards.locks import FileLock, LockHeld, LockUnusable
 from stages.base import DamagedOutput, RunContext, StageResult, damaged_units, fingerprint_of, read_markers
@@ -112,8 +113,8 @@ def _log_start(manifest: Manifest, name: str, ctx: RunContext) -> None:
     if ctx.world_size > 1:
         log.info("stage %s: start (rank %d of %d)", name, ctx.rank, ctx.world_size)
         return
-    try:
-        status = stage_status(manifest, name)
+    try:  # the stage's plan checks the files next: the line counts the current markers only
+        status = stage_status(manifest, name, check_files=False)
     except StageError as err:  # the stage itself reports it when it runs
         log.info("stage %s: start (%s)", name, err)
         return
@@ -174,9 +175,9 @@ class StageStatus:
         return {k: v for k, v in asdict(self).items() if k != "units"}
 
 
-def stage_status(manifest: Manifest, name: str) -> StageStatus:
+def stage_status(manifest: Manifest, name: str, check_files: bool = True) -> StageStatus:
     """Units done/total (done = marker with the current fingerprint, its files as it records them:
-    quick check), the damaged units and merged counts."""
+    quick check, unless not `check_files`), the damaged units and merged counts."""
     module = stage_module(name)
     try:
         folder, units, settings = module.describe(
@@ -186,9 +187,9 @@ def stage_status(manifest: Manifest, name: str) -> StageStatus:
         return StageStatus(stage=name, units_total=0, units_done=0, units_stale=0, waiting_for=str(err))
     fingerprint = fingerprint_of(settings)
     found = read_markers(folder, units, manifest.run.root)
-    current = {u: m for u, m in found.items() if m.get("fingerprint") == fingerprint}
-    damaged = damaged_units(folder, current)
-    done = {u: m for u, m in current.items() if u not in damaged}
+    current = marker_view.with_fingerprint(found, fingerprint)
+    damaged = damaged_units(folder, current) if check_files else {}
+    done = marker_view.without(current, damaged)
     return StageStatus(
         stage=name,
         units_total=len(units),
@@ -196,7 +197,7 @@ def stage_status(manifest: Manifest, name: str) -> StageStatus:
         units_stale=len(found) - len(current),
         pending=[u for u in units if u not in done],
         units=list(units),
-        counts=module.merge_counts(list(done.values())),
+        counts=marker_view.merged(done, module.merge_counts),
         is_complete=len(done) == len(units),
         damaged={u: ", ".join(problems) for u, problems in damaged.items()},
     )

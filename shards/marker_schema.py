@@ -14,7 +14,6 @@ traceback, or trust files the marker does not describe.
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -49,9 +48,8 @@ class UnitMarker(_Open):
     def _inside_the_stage_folder(cls, outputs):
         """A unit's files are in its stage folder (paths relative to it): a marker naming a file
         elsewhere would make checks and repairs reach outside the run."""
-        for name in outputs or {}:
-            path = PurePosixPath(name)
-            if not name or path.is_absolute() or ".." in path.parts:
+        for name in outputs or {}:  # string tests, not PurePosixPath: 400,000 markers are read at once
+            if not name or name.startswith("/") or ".." in name.split("/"):
                 raise ValueError(f"{name[:200]!r} is not a path inside the stage folder")
         return outputs
 

@@ -1,20 +1,22 @@
 """Every marker of a stage, read once: the whole-stage view (`status`, `plan`, `_SUCCESS.json`).
 
-    summary = summary_file(root, stage_dir)                # <root>/logs/summaries/images.json
-    found = read_all_markers(stage_dir, units, summary)    # {unit: its marker, slimmed (below)}
+    summary = summary_file(root, stage_dir)                # <root>/logs/summaries/images.arrow
+    found = read_all_markers(stage_dir, units, summary)    # a MarkerView: {unit: slim marker}
     changed = outputs_changed(stage_dir, marker)           # a cheap stat of its files (size, mtime)
 
 The summary (under the run root's `logs/`, with the other run bookkeeping, not among the outputs)
-keeps each marker as it was read, slimmed: without its settings (every unit shares them; only a
-fingerprint mismatch needs them), its timings, and its outputs' content summaries (kept: each file's
-size and mtime, the quick check's part), marked `"slim": true`; what needs the rest (a file that
-changed, the full check) reads that one marker itself (`full_marker`). Entries are keyed by the marker
-file's
-(inode, size, mtime_ns, ctime_ns). An entry is used only while its marker file still has that key: a
-marker written, replaced, edited or removed since is seen by its stat (ctime cannot be put back), and
-the summary is written by rename, so a crash can leave it old or missing but never make it say more
-than the markers do. It is written when a read found markers it did not hold (a stage updates it as it
-finishes). One stat per marker instead of one read: a stage of 400,000 units is read in seconds. A
+is an Arrow file with one row per marker as it was read, slimmed: without its settings (every unit
+shares them; only a fingerprint mismatch needs them) and timings; its fingerprint and its outputs'
+sizes and mtimes (the quick check's part) as columns, the rest as a JSON string, decoded only when
+a caller asks for that marker (shards/marker_view.py). What needs the full record (a file that
+changed, the full check) reads that one marker itself (`full_marker`).
+
+Rows are keyed by the marker file's (inode, size, mtime_ns, ctime_ns). A row is used only while
+its marker file still has that key: a marker written, replaced, edited or removed since is seen by
+its stat (ctime cannot be put back), and the summary is written by rename, so a crash can leave it
+old or missing but never make it say more than the markers do. It is written when a read found
+markers it did not hold (a stage updates it as it finishes). One stat per marker instead of one
+read, and no JSON parse of 400,000 entries: a stage of 400,000 units is read in about a second. A
 rank reads its own units' markers directly (shards/markers.py) and never this file, so its start-up
 follows its share, not the stage.
 """
@@ -27,54 +29,87 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shards.atomic import write_text_atomic
+import numpy as np
+import pyarrow as pa
+
+from shards.atomic import atomic_write
+from shards.marker_view import KEY_COLUMNS, SLIM, MarkerView, SummaryTable
 from shards.markers import DONE_DIR, OUTPUTS, read_marker
 
 log = logging.getLogger(__name__)
 
-SUMMARY_VERSION = 2
-_memory: dict[str, dict[str, Any]] = {}  # summary file -> its entries, for this process
+SUMMARY_VERSION = b"3"
+_OUTPUT = pa.struct([("path", pa.string()), ("bytes", pa.int64()), ("mtime_ns", pa.int64())])
+SCHEMA = pa.schema(
+    [
+        ("unit", pa.string()),
+        *[(name, pa.int64()) for name in KEY_COLUMNS],
+        ("fingerprint", pa.string()),
+        (OUTPUTS, pa.list_(_OUTPUT)),  # null: a marker without a record of its files
+        ("rest", pa.string()),  # the slim marker's other fields, as JSON
+    ],
+    metadata={"version": SUMMARY_VERSION},
+)
+_memory: dict[str, SummaryTable] = {}  # summary file -> its table, for this process
 
 
 def summary_file(root: Path, stage_dir: Path) -> Path:
-    """`<root>/logs/summaries/<stage folder, relative to root, '/' as '__'>.json`."""
+    """`<root>/logs/summaries/<stage folder, relative to root, '/' as '__'>.arrow`."""
     try:
         name = Path(stage_dir).resolve().relative_to(Path(root).resolve()).as_posix().replace("/", "__")
     except ValueError:  # a folder outside the run root: named by its path
         name = Path(stage_dir).resolve().as_posix().strip("/").replace("/", "__")
-    return Path(root) / "logs" / "summaries" / f"{'root' if name == '.' else name}.json"
+    return Path(root) / "logs" / "summaries" / f"{'root' if name == '.' else name}.arrow"
 
 
-def read_all_markers(stage_dir: Path, units: list[str], summary: Path) -> dict[str, dict[str, Any]]:
+def counts_file(summary: Path) -> Path:
+    return Path(summary).with_suffix(".counts.json")
+
+
+def read_all_markers(stage_dir: Path, units: list[str], summary: Path) -> MarkerView:
     """The markers that exist among `units`, without their "settings"; from `summary` where the
     marker file is unchanged, else read (a damaged one is a `MarkerError` naming its file)."""
-    stage_dir = Path(stage_dir)
-    entries = _load(summary)
-    found, fresh, changed = {}, {}, False
-    done = stage_dir / DONE_DIR
+    table = _load(summary)
+    stats = _stat_markers(Path(stage_dir) / DONE_DIR, units)
+    present = [i for i, key in enumerate(stats) if key is not None]
+    asked = [units[i] for i in present]
+    keys = np.array([stats[i] for i in present], dtype=np.int64).reshape(-1, len(KEY_COLUMNS))
+    rows = np.fromiter((table.row_of.get(u, -1) for u in asked), dtype=np.int64, count=len(asked))
+    same = (rows >= 0) & (table.keys[np.maximum(rows, 0)] == keys).all(axis=1) if len(table) else rows >= 0
+    stale_rows = {int(r) for r in rows[~same] if r >= 0} | {
+        table.row_of[u] for u in set(units) - set(asked) if u in table.row_of
+    }
+    fresh = []  # units whose marker is not in the summary as it is now
+    for i in np.flatnonzero(~same).tolist():
+        marker = read_marker(stage_dir, asked[i])
+        if marker is not None:  # else removed between the stat and the read
+            fresh.append((asked[i], keys[i].tolist(), slim(marker)))
+    if not fresh and not stale_rows:
+        return MarkerView(table, dict(zip(asked, rows.tolist())), counts_file(summary))
+    table = _store(summary, table, stale_rows, fresh)
+    order = {u: i for i, u in enumerate(asked)}
+    found = sorted((u for u in table.row_of if u in order), key=order.__getitem__)
+    table.decoded.update((table.row_of[unit], marker) for unit, _, marker in fresh)  # as its row decoded
+    return MarkerView(table, {u: table.row_of[u] for u in found}, counts_file(summary))
+
+
+def _stat_markers(done: Path, units: list[str]) -> list[list[int] | None]:
+    """Each unit's marker file's key, None where it has none."""
     try:
         folder_fd = os.open(done, os.O_RDONLY | os.O_DIRECTORY)
     except (FileNotFoundError, NotADirectoryError):
-        return {}
+        return [None] * len(units)
+    found: list[list[int] | None] = []
     try:
         for unit in units:
             try:
                 stat = os.stat(f"{unit}.json", dir_fd=folder_fd)
             except FileNotFoundError:
+                found.append(None)
                 continue
-            key = [stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
-            entry = entries.get(unit)
-            if entry is None or entry[:4] != key:
-                marker = read_marker(stage_dir, unit)
-                if marker is None:  # removed between the stat and the read
-                    continue
-                entry, changed = [*key, slim(marker)], True
-            fresh[unit] = entry
-            found[unit] = entry[4]
+            found.append([stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
     finally:
         os.close(folder_fd)
-    if changed:  # entries of removed markers are dropped then too; alone they are harmless
-        _store(summary, fresh)
     return found
 
 
@@ -92,15 +127,6 @@ def outputs_changed(stage_dir: Path, marker: dict[str, Any], folder_fd: int | No
     return False
 
 
-def open_folder(stage_dir: Path) -> int | None:
-    """A descriptor of the stage folder for `outputs_changed` (relative stats are cheaper)."""
-    try:
-        return os.open(stage_dir, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return None
-
-
-SLIM = "slim"  # a marker as the summary keeps it
 _DROPPED = frozenset({"settings", "finished_at", "seconds", "rank", "unit"})
 
 
@@ -120,35 +146,68 @@ def full_marker(stage_dir: Path, unit: str, marker: dict[str, Any]) -> dict[str,
     return (read_marker(stage_dir, unit) or {}) if marker.get(SLIM) else marker
 
 
-def _load(summary: Path) -> dict[str, dict[str, Any]]:
+def _load(summary: Path) -> SummaryTable:
     key = str(summary)
-    if key in _memory:
-        return _memory[key]
+    if key not in _memory:
+        _memory[key] = SummaryTable(_read_table(Path(summary)))
+    return _memory[key]
+
+
+def _read_table(summary: Path) -> pa.Table:
+    """The summary's table; an empty one when it is missing, of another version or damaged (it is
+    only a cache: the markers are read again)."""
     try:
-        data = json.loads(Path(summary).read_text())
-        entries = data["units"] if data.get("version") == SUMMARY_VERSION else {}
-        if not isinstance(entries, dict):
-            entries = {}
+        with pa.memory_map(str(summary)) as source:
+            table = pa.ipc.open_file(source).read_all()
+        if table.schema.metadata != SCHEMA.metadata or not table.schema.equals(SCHEMA):
+            raise ValueError(f"version or columns differ ({table.schema.metadata})")
+        table.validate(full=True)
+        return table
     except FileNotFoundError:
-        entries = {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # only a cache: read again
-        log.debug("%s: unreadable summary (%s); reading the markers", summary, err)
-        entries = {}
-    entries = {u: e for u, e in entries.items() if _is_entry(e)}
-    _memory[key] = entries
-    return entries
+        pass
+    except (OSError, ValueError, pa.ArrowException) as err:
+        log.debug("%s: unusable summary (%s); reading the markers", summary, err)
+    return SCHEMA.empty_table()
 
 
-def _is_entry(entry: Any) -> bool:
-    """[inode, size, mtime_ns, ctime_ns, slim marker]"""
-    return isinstance(entry, list) and len(entry) == 5 and isinstance(entry[4], dict)
-
-
-def _store(summary: Path, entries: dict[str, dict[str, Any]]) -> None:
-    _memory[str(summary)] = entries
-    text = json.dumps({"version": SUMMARY_VERSION, "units": entries}, separators=(",", ":"))
+def _store(summary: Path, old: SummaryTable, dropped: set[int], fresh: list) -> SummaryTable:
+    """The summary without the rows `dropped`, with the `fresh` (unit, key, slim marker) rows."""
+    keep = np.ones(len(old), dtype=bool)
+    keep[list(dropped)] = False
+    new_units = {unit for unit, _, _ in fresh}
+    keep &= np.fromiter((u not in new_units for u in old.units), dtype=bool, count=len(old))
+    table = pa.concat_tables([old.table.filter(pa.array(keep)), _fresh_table(fresh)]).combine_chunks()
+    stored = _memory[str(summary)] = SummaryTable(table)
     try:
-        Path(summary).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(summary, text)
+        Path(summary).with_suffix(".json").unlink(missing_ok=True)  # version 2's summary, in JSON
+        with atomic_write(summary) as handle, pa.ipc.new_file(handle, SCHEMA) as writer:
+            writer.write_table(table)
     except OSError as err:  # a read-only run root only costs speed
         log.debug("%s: not written (%s)", summary, err)
+    return stored
+
+
+def _fresh_table(fresh: list) -> pa.Table:
+    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+    for unit, key, marker in fresh:
+        columns["unit"].append(unit)
+        for name, value in zip(KEY_COLUMNS, key):
+            columns[name].append(value)
+        rest = {k: v for k, v in marker.items() if k not in ("fingerprint", OUTPUTS, SLIM)}
+        fingerprint = marker.get("fingerprint")
+        columns["fingerprint"].append(fingerprint if isinstance(fingerprint, str) else None)
+        outputs = marker.get(OUTPUTS)
+        columns[OUTPUTS].append(
+            None
+            if not isinstance(outputs, dict)
+            else [
+                {"path": p, "bytes": _int(r.get("bytes")), "mtime_ns": _int(r.get("mtime_ns"))}
+                for p, r in outputs.items()
+            ]
+        )
+        columns["rest"].append(json.dumps(rest, separators=(",", ":")))
+    return pa.table(columns, schema=SCHEMA)
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

@@ -18,15 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, WrapValidator
 
-from shards import marker_summary, markers, verify
+from shards import marker_summary, marker_view, markers, verify
 from shards.atomic import write_json_atomic
 from shards.naming import rank_split
 from stages.errors import ShardError, StageConfigError
@@ -117,7 +117,7 @@ class UnitPlan:
     fingerprint: str
     settings: dict[str, Any]
     units: list[str]
-    done: dict[str, dict[str, Any]]  # the done units of this rank's share
+    done: MutableMapping[str, dict[str, Any]]  # the done units of this rank's share (or all)
     mine: list[str]  # this rank's pending units
     share: list[str] = field(default_factory=list)  # this rank's units, done or not
     rank: int = 0
@@ -180,24 +180,21 @@ class DamagedOutput(ShardError):
 
 
 def damaged_units(
-    stage_dir: Path, done: dict[str, dict[str, Any]], full: bool = False
+    stage_dir: Path, done: Mapping[str, dict[str, Any]], full: bool = False
 ) -> dict[str, list[str]]:
     """The done units (by marker) whose recorded files differ, with what differs; markers without a
     record of their files (written before records existed) are trusted. The quick check (`full`
     False) first stats each file; only a file whose size or mtime changed is looked into."""
+    if full:
+        suspects = list(done)
+    else:
+        suspects = marker_view.units_with_changed_outputs(stage_dir, done, marker_summary.outputs_changed)
     damaged = {}
-    folder_fd = marker_summary.open_folder(stage_dir) if not full else None
-    try:
-        for unit, marker in done.items():
-            if not full and not marker_summary.outputs_changed(stage_dir, marker, folder_fd):
-                continue
-            marker = marker_summary.full_marker(stage_dir, unit, marker)  # the whole record, to check
-            problems = verify.check_outputs(stage_dir, marker.get(markers.OUTPUTS) or {}, full)
-            if problems:
-                damaged[unit] = problems
-    finally:
-        if folder_fd is not None:
-            os.close(folder_fd)
+    for unit in suspects:
+        marker = marker_summary.full_marker(stage_dir, unit, done[unit])  # the whole record, to check
+        problems = verify.check_outputs(stage_dir, marker.get(markers.OUTPUTS) or {}, full)
+        if problems:
+            damaged[unit] = problems
     return damaged
 
 
@@ -240,9 +237,10 @@ def plan_units(
     fingerprint = fingerprint_of(settings)
     share = rank_split(units, ctx.rank, ctx.world_size) if split_by_rank else list(units)
     done = read_markers(stage_dir, share, ctx.root if ctx.world_size == 1 and len(share) > 1 else None)
-    stale = {u: m for u, m in done.items() if m.get("fingerprint") != fingerprint}
+    current = marker_view.with_fingerprint(done, fingerprint)
+    stale = [u for u in done if u not in current]
     if stale and not ctx.force:
-        example = read_markers(stage_dir, [next(iter(stale))]).popitem()[1]  # with its settings
+        example = read_markers(stage_dir, stale[:1]).popitem()[1]  # with its settings
         raise StageConfigError(
             f"stage {stage}: {len(stale)} done unit(s) in {stage_dir} were made with other settings "
             f"({describe_change(example.get('settings', {}), settings)}); "
@@ -313,12 +311,12 @@ def finish_stage(stage: str, plan: UnitPlan, units_run: int, merge_counts) -> St
 
 
 def _finish_whole(stage: str, plan: UnitPlan, units_run: int, merge_counts, found) -> StageResult:
-    current = {u: m for u, m in found.items() if m.get("fingerprint") == plan.fingerprint}
-    if plan.world_size > 1:  # other ranks' units (or a marker rank 0 wrote), not checked by this plan
-        for unit in damaged_units(plan.stage_dir, current):  # left for their rank to repair
-            del current[unit]
+    current = marker_view.with_fingerprint(found, plan.fingerprint)
+    if plan.world_size > 1:  # other ranks' units (or a marker rank 0 wrote), not checked by this plan:
+        damaged = damaged_units(plan.stage_dir, current)  # left for their rank to repair
+        current = marker_view.without(current, damaged)
     plan.done = current
-    counts = merge_counts([current[u] for u in plan.units if u in current])
+    counts = marker_view.merged(marker_view.in_order(current, plan.units), merge_counts)
     result = StageResult(stage, len(plan.units), len(current), units_run, counts)
     if result.is_complete:
         markers.write_success(

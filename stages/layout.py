@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from shards.marker_summary import SLIM
+from shards import marker_view
+from shards.marker_view import SLIM
 from shards.markers import DONE_DIR, OUTPUTS, SUCCESS_FILE
 from shards.naming import list_shards, rank_split
 from stages.base import DamagedOutput, damaged_units, read_markers
@@ -81,8 +82,9 @@ def _unit_problems(
 ) -> dict[str, list[str]]:
     """What differs, by unit: recorded files against their records; a marker written before records
     existed only needs its stage's files (`legacy_files`) to exist."""
-    problems = damaged_units(stage.folder, {u: m for u, m in found.items() if OUTPUTS in m}, full)
-    for unit in (u for u, m in found.items() if OUTPUTS not in m and stage.legacy_files):
+    recorded = marker_view.recorded(found)
+    problems = damaged_units(stage.folder, recorded, full)
+    for unit in (u for u in found if u not in recorded and stage.legacy_files):
         missing = [f"{path} is missing" for path in stage.legacy_files(unit) if not path.exists()]
         if missing:
             problems[unit] = missing
@@ -202,7 +204,9 @@ class RunLayout:
             raise ShardError(f"{success}: damaged ({err}); delete it and rerun {what}") from None
         checked = [] if not _CHECKING.get() else units if share is None else rank_split(units, *share)
         whole = self.root if share is None and len(checked) > 1 else None
-        found = {u: _outputs_only(m) for u, m in read_markers(Path(folder), checked, whole).items()}
+        found = read_markers(Path(folder), checked, whole)
+        if not isinstance(found, marker_view.MarkerView):  # a view keeps its markers as columns
+            found = {u: _outputs_only(m) for u, m in found.items()}
         shard_units = shards if unit_names is None else []
         stage = CompleteStage(Path(folder), fingerprint, shard_units, label or what, found, legacy_files)
         problems = _unit_problems(stage, found, full=False)

@@ -36,7 +36,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from shards import markers
 from shards.atomic import remove_orphans, write_json_atomic
 from shards.index import write_shard_index
-from shards.naming import list_shards, shard_name
+from shards.naming import list_shards, shard_name, shard_names
 from shards.tables import TableError, check_columns, infer_format, read_parquet
 from shards.url_files import is_glob, resolve_url_files
 from stages.base import (
@@ -174,7 +174,7 @@ def unit_table(urls: UrlInput, rows: list[int] | range):
 
 
 def list_units(table_rows: int, cfg: DownloadConfig, root: Path) -> list[str]:
-    base = [shard_name(i) for i in range(math.ceil(table_rows / cfg.samples_per_shard))]
+    base = shard_names(math.ceil(table_rows / cfg.samples_per_shard))
     retries = list_shards(stage_dir(root) / RETRY_DIR, ".json")
     return base + [u for u in retries if int(u) >= len(base)]
 
@@ -227,7 +227,8 @@ def run(cfg: DownloadConfig, ctx: RunContext, retry_failed: bool = False) -> Sta
         ensure_split(urls)
     stats = img2dataset_run.download_units(cfg, urls, jobs, plan, out, ctx) if jobs else None
     result = finish_stage(NAME, plan, len(jobs), merge_counts)
-    if result.is_complete and plan.holds_every_marker:  # the rank that checked them all
+    index_stale = result.units_run or not (out / "_index.json").exists()  # else written when it was
+    if result.is_complete and plan.holds_every_marker and index_stale:  # the rank that checked them all
         _write_index(out, plan.units, plan.done)
     _log_summary(result, stats)
     return result

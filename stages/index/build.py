@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from captioning.bank_search import BankVectors, ExactSearch, recall_at_k, write_texts
+from shards import marker_view
 from shards.atomic import atomic_write, remove_orphans, tmp_path_for, write_json_atomic
 from stages.base import read_markers
 from stages.errors import ShardError
@@ -47,7 +48,7 @@ def wait_for_shards(plan, shards: list[str], wait_seconds: float, ctx) -> None:
     last_change, seen = time.monotonic(), -1
     while True:
         found = read_markers(plan.stage_dir, shards, plan.root)  # through the summary: a stat each
-        done = [u for u, m in found.items() if m.get("fingerprint") == plan.fingerprint]
+        done = set(marker_view.with_fingerprint(found, plan.fingerprint))
         if len(done) == len(shards):
             return
         if len(done) != seen:
