@@ -26,6 +26,7 @@ from stages.training.setup import (
     engine_for,
     finish_training,
     global_batch_plan,
+    verify_across_ranks,
 )
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
     freeze_for_finetune(clip.model)
     torch.manual_seed(ctx.seed)  # the same proxies on every rank
     module = WithProxies(clip.model, _class_count(ctx.root))
-    dataset = _dataset(cfg, ctx, clip)
+    dataset = _dataset(cfg, ctx, clip, engine)
     per_epoch = steps_per_epoch(len(dataset), global_batch)
     if per_epoch == 0:
         raise StageConfigError(
@@ -103,11 +104,13 @@ def _class_count(root) -> int:
     return len(labels)
 
 
-def _dataset(cfg, ctx: RunContext, clip) -> CaptionedImages:
+def _dataset(cfg, ctx: RunContext, clip, engine) -> CaptionedImages:
     layout = RunLayout(ctx.root)
-    units = layout.downloaded().verify().units
+    images = layout.downloaded()
+    verify_across_ranks(images, images.units, engine)
+    units = images.units
     if cfg.loss == "mcip":
-        layout.captioned(cfg.captions).verify(units)
+        verify_across_ranks(layout.captioned(cfg.captions), units, engine)
     refs = index_samples(ctx.root, units, cfg.captions if cfg.loss == "mcip" else None)
     unlabelled = next((r for r in refs if r.cls < 0), None)
     if unlabelled is not None:

@@ -13,10 +13,11 @@ import torch
 
 from shards.atomic import remove_orphans, write_json_atomic
 from shards.identity import file_sha256
-from stages.base import RunContext, StageResult, UnitPlan, finish_stage, plan_units, sum_counts
-from stages.errors import StageConfigError
-from stages.layout import FINAL_UNIT, RunLayout
-from stages.training.engine import make_engine
+from shards.naming import rank_split
+from stages.base import DamagedOutput, RunContext, StageResult, UnitPlan, finish_stage, plan_units, sum_counts
+from stages.errors import ShardError, StageConfigError
+from stages.layout import FINAL_UNIT, CompleteStage, RunLayout
+from stages.training.engine import make_engine, min_over_ranks
 from stages.training.loop import checkpoint_problem, complete_checkpoints, read_meta, saved_global_batch
 from stages.training.model import export_model
 
@@ -101,6 +102,22 @@ def engine_for(cfg, ctx: RunContext, accumulation: int = 1):
             "torchrun (launch/slurm_mcip.sh does) so both come from RANK/WORLD_SIZE"
         )
     return engine
+
+
+def verify_across_ranks(stage: CompleteStage, units: list[str], engine) -> None:
+    """The full check (sha256) of `units` shared out: each rank checks its rank-split share, so a
+    job of N ranks reads each file once, not N times. Every rank calls it; when any rank found a
+    damaged unit every rank stops (the finding rank with the files named)."""
+    problem = None
+    try:
+        stage.verify(rank_split(units, engine.rank, engine.world_size))
+    except DamagedOutput as err:
+        problem = err
+    first = min_over_ranks(engine.world_size if problem is None else engine.rank, engine.device)
+    if problem is not None:
+        raise problem
+    if first < engine.world_size:
+        raise ShardError(f"{stage.label}: rank {first} found damaged units (its log names them)")
 
 
 def drop_stale_checkpoints(out: Path, fingerprint: str, ctx: RunContext, engine) -> None:

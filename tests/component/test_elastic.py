@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from pipeline.cli import main as cli
+from shards import markers
+from shards.verify import outputs_record
 from tests.component.test_training import _images, _manifest
 from tests.conftest import REPO, cli_env
 
@@ -252,3 +254,27 @@ def _files(out: Path) -> list[str]:
     return sorted(
         str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "tensorboard" not in p.parts
     )
+
+
+def test_the_full_check_of_the_shards_is_shared_out_and_stops_every_rank(tmp_path, tiny_models):
+    """2 processes over 3 shards: each rank hashes only its share, so the shard whose bytes changed
+    (size and mtime kept: only the full check sees it) is named by the rank that owns it (rank 1
+    for 000001), and rank 0 stops too, saying which rank found it."""
+    _images(tmp_path / "run", shards=3, per_shard=8)
+    images = tmp_path / "run" / "images"
+    for unit in ("000000", "000001", "000002"):  # with the record of its tar that the stage writes
+        marker = markers.read_marker(images, unit)
+        markers.write_marker(
+            images, unit, {**marker, "outputs": outputs_record(images, [images / f"{unit}.tar"])}
+        )
+    manifest = _manifest(tmp_path, tiny_models, finetune={"deepspeed": ZERO2, "loss": "gpr", "batch_size": 2})
+    tar = images / "000001.tar"
+    stat, data = tar.stat(), bytearray(tar.read_bytes())
+    data[-2048] ^= 0xFF  # in the tar's zero padding: still a valid tar, another sha256
+    tar.write_bytes(bytes(data))
+    os.utime(tar, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    log = tmp_path / "finetune.log"
+    agent = _torchrun(manifest, "finetune", 2, _free_port(), log=open(log, "w"))
+    assert agent.wait(timeout=600) != 0
+    text = log.read_text()
+    assert "000001.tar" in text and "download: rank 1 found damaged units" in text, text[-3000:]
