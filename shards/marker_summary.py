@@ -39,6 +39,7 @@ from shards.markers import DONE_DIR, OUTPUTS, read_marker
 log = logging.getLogger(__name__)
 
 SUMMARY_VERSION = b"3"
+CHUNK = 8192  # markers read into one piece of the table
 _OUTPUT = pa.struct([("path", pa.string()), ("bytes", pa.int64()), ("mtime_ns", pa.int64())])
 SCHEMA = pa.schema(
     [
@@ -79,17 +80,15 @@ def read_all_markers(stage_dir: Path, units: list[str], summary: Path) -> Marker
     stale_rows = {int(r) for r in rows[~same] if r >= 0} | {
         table.row_of[u] for u in set(units) - set(asked) if u in table.row_of
     }
-    fresh = []  # units whose marker is not in the summary as it is now
-    for i in np.flatnonzero(~same).tolist():
-        marker = read_marker(stage_dir, asked[i])
-        if marker is not None:  # else removed between the stat and the read
-            fresh.append((asked[i], keys[i].tolist(), slim(marker)))
-    if not fresh and not stale_rows:
+    unread = np.flatnonzero(~same).tolist()  # units whose marker is not in the summary as it is now
+    if not unread and not stale_rows:
         return MarkerView(table, dict(zip(asked, rows.tolist())), counts_file(summary))
+    fresh = [
+        _fresh_table(stage_dir, asked, keys, unread[i : i + CHUNK]) for i in range(0, len(unread), CHUNK)
+    ]
     table = _store(summary, table, stale_rows, fresh)
     order = {u: i for i, u in enumerate(asked)}
     found = sorted((u for u in table.row_of if u in order), key=order.__getitem__)
-    table.decoded.update((table.row_of[unit], marker) for unit, _, marker in fresh)  # as its row decoded
     return MarkerView(table, {u: table.row_of[u] for u in found}, counts_file(summary))
 
 
@@ -170,13 +169,14 @@ def _read_table(summary: Path) -> pa.Table:
     return SCHEMA.empty_table()
 
 
-def _store(summary: Path, old: SummaryTable, dropped: set[int], fresh: list) -> SummaryTable:
-    """The summary without the rows `dropped`, with the `fresh` (unit, key, slim marker) rows."""
+def _store(summary: Path, old: SummaryTable, dropped: set[int], fresh: list[pa.Table]) -> SummaryTable:
+    """The summary without the rows `dropped`, with the `fresh` rows (which replace any row of
+    the same unit)."""
     keep = np.ones(len(old), dtype=bool)
     keep[list(dropped)] = False
-    new_units = {unit for unit, _, _ in fresh}
+    new_units = {unit for part in fresh for unit in part.column("unit").to_pylist()}
     keep &= np.fromiter((u not in new_units for u in old.units), dtype=bool, count=len(old))
-    table = pa.concat_tables([old.table.filter(pa.array(keep)), _fresh_table(fresh)]).combine_chunks()
+    table = pa.concat_tables([old.table.filter(pa.array(keep)), *fresh]).combine_chunks()
     stored = _memory[str(summary)] = SummaryTable(table)
     try:
         Path(summary).with_suffix(".json").unlink(missing_ok=True)  # version 2's summary, in JSON
@@ -187,9 +187,15 @@ def _store(summary: Path, old: SummaryTable, dropped: set[int], fresh: list) -> 
     return stored
 
 
-def _fresh_table(fresh: list) -> pa.Table:
+def _fresh_table(stage_dir: Path, units: list[str], keys: np.ndarray, chosen: list[int]) -> pa.Table:
+    """Rows of the markers of `units[i]` for i in `chosen`, read now (in pieces of CHUNK: the
+    markers of 400,000 units are never all in memory as dicts)."""
     columns: dict[str, list] = {name: [] for name in SCHEMA.names}
-    for unit, key, marker in fresh:
+    for i in chosen:
+        marker = read_marker(stage_dir, units[i])
+        if marker is None:  # removed between the stat and the read
+            continue
+        unit, key, marker = units[i], keys[i].tolist(), slim(marker)
         columns["unit"].append(unit)
         for name, value in zip(KEY_COLUMNS, key):
             columns[name].append(value)

@@ -23,7 +23,7 @@ import json
 import logging
 import marshal
 import os
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ SLIM = "slim"  # a marker as the summary keeps it
 KEY_COLUMNS = ("ino", "size", "mtime_ns", "ctime_ns")  # of the marker file: what the entry is valid for
 MISSING = -2  # the size of a file that is gone (never a real size, nor the -1 of "not recorded")
 NOT_RECORDED = -1
+DECODED_KEPT = 4096
 
 
 class SummaryTable:
@@ -48,7 +49,7 @@ class SummaryTable:
 
     def __init__(self, table: pa.Table) -> None:
         self.table = table
-        self.decoded: dict[int, dict[str, Any]] = {}  # row -> its marker, once decoded
+        self.decoded: dict[int, dict[str, Any]] = {}  # row -> its marker, the last DECODED_KEPT asked
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -121,10 +122,15 @@ class SummaryTable:
         return np.arange(int(lengths.sum())) - np.repeat(before, lengths) + np.repeat(starts, lengths), owner
 
     def marker(self, row: int) -> dict[str, Any]:
-        """Row `row` as a slim marker (a plain dict), decoded once for every view of this table."""
-        if row not in self.decoded:
-            self.decoded[row] = self._decode(row)
-        return self.decoded[row]
+        """Row `row` as a slim marker (a plain dict). The last few thousand asked for are kept (a
+        caller reading three fields decodes once); not all, or a pass over 400,000 markers would
+        keep them all in memory."""
+        marker = self.decoded.get(row)
+        if marker is None:
+            if len(self.decoded) >= DECODED_KEPT:
+                self.decoded.clear()
+            marker = self.decoded[row] = self._decode(row)
+        return marker
 
     def _decode(self, row: int) -> dict[str, Any]:
         sizes, mtimes, offsets, fingerprints = self._records
@@ -273,16 +279,35 @@ def merged(
     kept in its counts file while exactly these markers are there."""
     digest = _digest(found, merge_counts) if isinstance(found, MarkerView) else None
     if digest is None:
-        return merge_counts(list(found.values()))
+        return merge_counts(Markers(found))
     cache = _read_counts(found.counts_file)
     if isinstance(cache.get(digest), dict):
         return cache[digest]
-    counts = merge_counts(list(found.values()))
+    counts = merge_counts(Markers(found))
     try:  # one entry per merge (a stage's `status`, its finish): a few at most
         write_text_atomic(found.counts_file, json.dumps({**dict(list(cache.items())[-3:]), digest: counts}))
     except (OSError, TypeError, ValueError) as err:  # only a cache
         log.debug("%s: not written (%s)", found.counts_file, err)
     return counts
+
+
+class Markers(Sequence):
+    """The markers of a mapping as a sequence, each decoded as it is reached: a merge that goes
+    through them once holds one at a time, not all 400,000."""
+
+    def __init__(self, found: Mapping[str, dict[str, Any]]) -> None:
+        self.found, self.units = found, list(found)
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self.found[u] for u in self.units[index]]
+        return self.found[self.units[index]]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self.found[u] for u in self.units)
 
 
 def _digest(view: MarkerView, merge_counts: Callable) -> str | None:

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Sequence
@@ -350,17 +350,19 @@ def _rank_files(plan: UnitPlan) -> dict[str, dict[str, Any]]:
     return found
 
 
-def sum_counts(marker_list: list[dict[str, Any]], key: str = "counts") -> dict[str, Any]:
-    """Add up the numeric `counts` of markers; nested dicts (e.g. failures by reason) too."""
+def sum_counts(marker_list: Iterable[dict[str, Any]], key: str = "counts") -> dict[str, Any]:
+    """Add up the numeric `counts` of markers; nested dicts (e.g. failures by reason) too. One pass:
+    the whole-stage view hands over its markers one at a time (shards/marker_view.py)."""
     total: dict[str, Any] = {}
     for marker in marker_list:
-        _add_into(total, marker.get(key, {}))
+        add_counts(total, marker.get(key, {}))
     return total
 
 
-def _add_into(total: dict[str, Any], part: dict[str, Any]) -> None:
+def add_counts(total: dict[str, Any], part: dict[str, Any]) -> None:
+    """Add the numbers of `part` into `total`, nested dicts too."""
     for name, value in part.items():
         if isinstance(value, dict):
-            _add_into(total.setdefault(name, {}), value)
+            add_counts(total.setdefault(name, {}), value)
         elif isinstance(value, (int, float)):
             total[name] = total.get(name, 0) + value

@@ -44,9 +44,9 @@ from stages.base import (
     RunContext,
     StageConfig,
     StageResult,
+    add_counts,
     finish_stage,
     plan_units,
-    sum_counts,
 )
 from stages.download.input_split import ensure_split
 from stages.download.inputs import UrlInput, open_input, wanted_columns
@@ -292,10 +292,11 @@ def _rows_still_failing(out: Path, units: list[str]) -> list[int]:
 
 def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals over shards; a retry shard's successes recover rows counted failed in base shards."""
-    base = [m for m in done_markers if m.get("kind") != "retry"]
-    retry = [m for m in done_markers if m.get("kind") == "retry"]
-    counts = sum_counts(base)
-    recovered = sum_counts(retry).get("ok", 0)
+    counts: dict[str, Any] = {}
+    retried: dict[str, Any] = {}
+    for marker in done_markers:  # one pass: the markers may be handed over one at a time
+        add_counts(retried if marker.get("kind") == "retry" else counts, marker.get("counts", {}))
+    recovered = retried.get("ok", 0)
     counts["ok"] = counts.get("ok", 0) + recovered
     counts["failed"] = counts.get("failed", 0) - recovered
     counts["recovered_by_retry"] = recovered

@@ -161,7 +161,7 @@ def check_inputs(cfg: IndexConfig) -> None:
 
 
 def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:
-    return sum_counts([m for m in done_markers if "card" not in m])
+    return sum_counts(m for m in done_markers if "card" not in m)
 
 
 def run(cfg: IndexConfig, ctx: RunContext) -> StageResult:
