@@ -13,9 +13,16 @@ image tower). Reported: queries/s, p50/p99 latency, recall@10 of IVF-PQ's answer
 index's answers to the same queries over the API, and the build time.
 
 Embedding: `--images` pictures in 4 image shards; the index stage's embedding loop
-(stages/index/embed.py: webdataset streaming, DataLoader workers, one pass per shard) against the
-evaluate stage's (stages/evaluate/embed.py: one file read per picture) on the same shards, same
-model (a 6-layer ViT, stages' default batch size 256 and 2 workers), model loading included in both.
+(stages/index/embed.py: webdataset streaming, DataLoader workers, one pass per shard, its files and
+markers written) against the evaluate stage's (stages/evaluate/embed.py: the tars' headers read,
+then one file read per picture) on the same shards, same model (a 6-layer ViT, stages' default
+batch size 256 and 2 workers), model loading included in both. One untimed run of each first (page
+cache, imports), then `--repeats` pairs, the order alternating (index first, then evaluate first),
+so a change of load on a shared machine falls on both; the speed ratio is taken per pair and the
+median, the spread (min-max) of the pairs' ratios, the ratio of the best runs and the load average
+are reported. Each run's time is also split into the model's (`encode_images`, the same work in
+both loops and what load slows most) and the rest (loading, waiting for batches, the loops' own
+work, writes on the main thread), which is the loops' difference and far less sensitive to load.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -196,42 +204,86 @@ def embedding_rows(root: Path, model: dict, images: int, device: str, repeats: i
 
     run = root / "embed-run"
     per = images // 4
-    for s in range(4):
+    units = [f"{s:06d}" for s in range(4)]
+    for s, unit in enumerate(units):
         samples = [
             (f"{n:09d}", {"jpg": jpeg(n), "txt": b"alt", "cls": b"0"}) for n in range(s * per, (s + 1) * per)
         ]
-        info = write_tar_atomic(run / "images" / f"{s:06d}.tar", samples)
-        markers.write_marker(
-            run / "images", f"{s:06d}", {"fingerprint": "bench", "counts": {"ok": per}, **info}
-        )
+        info = write_tar_atomic(run / "images" / f"{unit}.tar", samples)
+        marker = {"unit": unit, "fingerprint": "bench", "settings": {}, "counts": {"ok": per}, **info}
+        markers.write_marker(run / "images", unit, marker)
     markers.write_success(run / "images", {"stage": "download", "fingerprint": "bench"})
     entry = {"name": "m", "checkpoint": str(model["checkpoint"])}
     cfg = IndexConfig(model=model["arch"], config_dir=model["configs"], models=[entry], device=device)
-    units = [f"{s:06d}" for s in range(4)]
 
-    def ours() -> float:
-        started = time.perf_counter()
+    def index() -> None:
         ctx = RunContext(run, force=True)  # every repeat embeds all shards again
         plan = plan_units("index", run / "index" / "bench", units, {"run": time.time()}, ctx)
         embed_shards(cfg, RunContext(run), plan, {u: run / "images" / f"{u}.tar" for u in units})
-        return time.perf_counter() - started
 
-    def theirs() -> float:
-        started = time.perf_counter()
+    def evaluate() -> None:
         clip = load_clip(model["arch"], model["checkpoint"], model["configs"], device)
         embed_images(clip, shard_images(run)[0], batch_size=256, num_workers=2)
-        return time.perf_counter() - started
 
-    times = {"ours": [], "theirs": []}
-    for _ in range(repeats):  # alternating, so a load change on the shared machine hits both
-        times["ours"].append(ours())
-        times["theirs"].append(theirs())
-    a, b = (float(np.median(times[k])) for k in ("ours", "theirs"))
-    spread = lambda k: f"{min(times[k]):.1f}-{max(times[k]):.1f} s"  # noqa: E731
+    index(), evaluate()  # untimed: page cache, lazy imports
+    times: dict[str, list[float]] = {"index": [], "evaluate": []}
+    outside: dict[str, list[float]] = {"index": [], "evaluate": []}  # of the model
+    loads = [os.getloadavg()[0]]
+    loops = [("index", index), ("evaluate", evaluate)]
+    for pair in range(repeats):
+        for name, loop in loops if pair % 2 == 0 else loops[::-1]:
+            with model_clock() as in_model:
+                started = time.perf_counter()
+                loop()
+                times[name].append(time.perf_counter() - started)
+            outside[name].append(times[name][-1] - in_model[0])
+        loads.append(os.getloadavg()[0])
+        line = ", ".join(
+            f"{k} {times[k][-1]:.1f} s ({outside[k][-1]:.2f} s outside the model)" for k in times
+        )
+        print(f"pair {pair + 1}: {line}; {times['evaluate'][-1] / times['index'][-1]:.2f}x; "
+              f"load {loads[-1]:.1f}", flush=True)  # fmt: skip
+    ratios = [e / i for i, e in zip(times["index"], times["evaluate"])]
+    best = min(times["evaluate"]) / min(times["index"])
+    print(
+        f"index/evaluate speed per pair: median {np.median(ratios):.2f}x, min {min(ratios):.2f}x, "
+        f"max {max(ratios):.2f}x; best run against best run {best:.2f}x; "
+        f"load average (1 min) {min(loads):.1f}-{max(loads):.1f}",
+        flush=True,
+    )
+    median = {k: float(np.median(v)) for k, v in times.items()}
     return [
-        ["index stage (stages/index/embed.py)", f"{images / a:.0f}", f"{b / a:.2f}x", spread("ours")],
-        ["evaluate stage (stages/evaluate/embed.py)", f"{images / b:.0f}", "1.00x", spread("theirs")],
-    ]
+        ["index stage (stages/index/embed.py)", f"{images / median['index']:.0f}",
+         f"{np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x), best {best:.2f}x",
+         _seconds(times["index"]), _seconds(outside["index"], 2)],
+        ["evaluate stage (stages/evaluate/embed.py)", f"{images / median['evaluate']:.0f}", "1.00x",
+         _seconds(times["evaluate"]), _seconds(outside["evaluate"], 2)],
+    ]  # fmt: skip
+
+
+def _seconds(values: list[float], digits: int = 1) -> str:
+    return f"{np.median(values):.{digits}f} s ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+@contextmanager
+def model_clock():
+    """Seconds spent in `ClipModel.encode_images` inside the block (a one-item list)."""
+    from captioning.clip_models import ClipModel
+
+    encode, clock = ClipModel.encode_images, [0.0]
+
+    def timed(self, pixels):
+        started = time.perf_counter()
+        try:
+            return encode(self, pixels)
+        finally:
+            clock[0] += time.perf_counter() - started
+
+    ClipModel.encode_images = timed
+    try:
+        yield clock
+    finally:
+        ClipModel.encode_images = encode
 
 
 def main() -> None:
@@ -242,7 +294,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=60)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=3, help="embedding loops: runs of each, median")
+    parser.add_argument("--repeats", type=int, default=5, help="embedding loops: pairs of runs, median")
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     import torch
@@ -269,7 +321,10 @@ def main() -> None:
     for row in search:
         print("| " + " | ".join(row) + " |")
     print(f"\nembedding {args.images} pictures (96 px JPEG, 6-layer ViT at 64 px, batch 256, 2 workers)\n")
-    print(f"| loop | images/s (median of {args.repeats}) | speed vs evaluate | runs |\n|---|---:|---:|---:|")
+    print(
+        f"| loop | images/s (median of {args.repeats}) | vs evaluate: median of pairs (min-max), best runs "
+        "| run: median (min-max) | outside the model |\n|---|---:|---:|---:|---:|"
+    )
     for row in embedding:
         print("| " + " | ".join(row) + " |")
 

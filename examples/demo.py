@@ -9,7 +9,9 @@ of seeing a changed input) while the stages of the manifest run: download -> cap
 retrieval) -> finetune (MCIP) -> realign -> evaluate (training under DeepSpeed ZeRO-2, one process on
 the CPU) -> index (a baseline and an MCIP index of the evaluation split, packed into tars by
 examples/world_shards.py), builds the inspect page of the caption set (`python -m pipeline inspect`),
-and prints the comparison table, the report's path, the page's path and the `serve` command. A
+and prints the comparison table, the report's path, the page's path, per index the results of the
+query's own instance in the top 10 of every evaluation picture queried by key (through
+stages/index/search.py, as `search --key` and the API answer it), and the `serve` command. A
 second run finds every unit done and prints them again.
 """
 
@@ -34,6 +36,7 @@ from shards.atomic import write_json_atomic
 
 MANIFEST = Path(__file__).with_name("demo.yaml")
 THREADS = 2  # results depend on the thread count (shared/METHOD.md), so the demo pins it
+TOP_K = 10  # the own-instance count: results per query
 
 
 def free_port() -> int:
@@ -112,10 +115,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: {report}")
     if page is not None:
         print(f"inspect page: {page}")
+    hits = own_instance_hits(args.manifest)
+    if hits is not None:
+        queries, counts = hits
+        found = ", ".join(f"{name} {count}" for name, count in counts.items())
+        print(f"own-instance results in top {TOP_K} over {queries} queries: {found}")
     serve = serve_command(args.manifest)
     if serve is not None:
         print(f"search the evaluation split: {serve}")
     return code
+
+
+def own_instance_hits(manifest_path: Path, k: int = TOP_K) -> tuple[int, dict[str, int]] | None:
+    """(queries, per index: results of the query's own instance in its top k): every picture of the
+    index stage's collection queried by its key, itself included, through the search path the
+    `search` command and the API use (examples/world_shards.py's keys name the instance)."""
+    from examples.world_shards import instance_of
+    from stages.index.search import open_indexes
+
+    manifest = load_manifest(manifest_path)
+    if manifest.stages.index is None:
+        return None
+    indexes = open_indexes(manifest, [m.name for m in manifest.stages.index.models])
+    keys = next(iter(indexes.values())).meta.column("key").to_pylist()
+    counts = {
+        name: sum(instance_of(hit.key) == instance_of(key) for key in keys for hit in index.by_key(key, k))
+        for name, index in indexes.items()
+    }
+    return len(keys), counts
 
 
 def serve_command(manifest_path: Path) -> str | None:

@@ -12,6 +12,10 @@ A transform is either per picture (PIL image -> tensor; the batch gets them stac
 pictures of different sizes together as its model expects); both run in the worker, so only tensors
 cross to the main process. A transform with `encoded = True` gets the image file's bytes as stored,
 undecoded (the server backend's data URLs); a batch gets the list of what it returned.
+
+`shard_info(path)`, when given, runs in the worker once a shard's samples are read (its file is
+then in the page cache) and its result rides on the end-of-shard item as `info`: per-shard work
+that the main process would otherwise do between batches (the index stage's header scan).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
@@ -40,11 +44,16 @@ def decode_image(data: bytes, decode_size: int) -> Image.Image:
 
 class ShardImages(IterableDataset):
     def __init__(
-        self, shards: list[tuple[str, Path]], transforms: list[Callable], decode_size: int, batch_size: int
+        self,
+        shards: list[tuple[str, Path]],
+        transforms: list[Callable],
+        decode_size: int,
+        batch_size: int,
+        shard_info: Callable[[Path], Any] | None = None,
     ) -> None:
         super().__init__()
         self.shards, self.transforms, self.decode_size = shards, transforms, decode_size
-        self.batch_size = batch_size
+        self.batch_size, self.shard_info = batch_size, shard_info
 
     def __iter__(self) -> Iterator[dict]:
         """Collated batches, never across shards."""
@@ -58,7 +67,10 @@ class ShardImages(IterableDataset):
                 if len(batch) == self.batch_size:
                     yield self.collate(batch)
                     batch = []
-            yield self.collate(batch + [{"unit": unit, "end": True, "count": count}])
+            end = {"unit": unit, "end": True, "count": count}
+            if self.shard_info is not None:
+                end["info"] = self.shard_info(path)
+            yield self.collate(batch + [end])
 
     def _item(self, unit: str, sample: dict) -> dict:
         alt = sample.get("txt", b"").decode("utf-8", "replace")
@@ -129,12 +141,13 @@ def image_batches(
     decode_size: int,
     batch_size: int,
     workers: int,
+    shard_info: Callable[[Path], Any] | None = None,
 ) -> DataLoader:
     """Batches `{"items": [...], "tensors": [...]}` of one shard each, in shard order per worker
     (see `collate`); the workers batch, so the loader passes them on as they are."""
     workers = min(workers, len(shards))
     return DataLoader(
-        ShardImages(shards, transforms, decode_size, batch_size),
+        ShardImages(shards, transforms, decode_size, batch_size, shard_info),
         batch_size=None,
         num_workers=workers,
         collate_fn=_as_made,

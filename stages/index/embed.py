@@ -5,6 +5,11 @@ models' eval transform, stages/caption/images.py), every batch through every mod
 A shard's rows are its decodable pictures in tar order; an undecodable one is counted, not indexed.
 The metadata comes from one pass over the tar's member headers (offsets of each `.jpg`, the `.txt`
 alt text, the img2dataset `.json`'s url), so a picture can later be read by key from its offset.
+
+The main process only runs the models: the header pass is done by the DataLoader worker that read
+the shard (`shard_info`), and a finished shard's files and marker are written by one background
+thread while the next shard's batches are embedded (at most one shard waits to be written; the
+marker is still written last, after its files, and a write's error stops the loop).
 """
 
 from __future__ import annotations
@@ -85,6 +90,15 @@ def scan_tar(tar: Path) -> dict[str, Member]:
     return found
 
 
+def scan_or_error(tar: Path) -> dict[str, Member] | str:
+    """`scan_tar` in a DataLoader worker: its ShardError as its one line (torch would add the
+    worker's traceback to a raised one)."""
+    try:
+        return scan_tar(tar)
+    except ShardError as err:
+        return str(err)
+
+
 def _url(text: str | None) -> str:
     try:
         value = json.loads(text).get("url") if text else None
@@ -145,31 +159,74 @@ def embed_shards(cfg, ctx: RunContext, plan: UnitPlan, tars: dict[str, Path]) ->
     models = load_models(cfg, ctx.root)
     first = next(iter(models.values()))
     loader = image_batches(
-        list(tars.items()), [first.preprocess], first.image_size, cfg.batch_size, cfg.num_workers
+        list(tars.items()),
+        [first.preprocess],
+        first.image_size,
+        cfg.batch_size,
+        cfg.num_workers,
+        shard_info=scan_or_error,
     )
     outputs: dict[str, _ShardOutput] = {}
     progress = tqdm(total=len(tars), desc=f"index[{cfg.name}]", unit="shard", disable=not ctx.is_main)
-    for batch in loader:
-        items = [item for item in batch["items"] if not item.get("end")]
-        ok = [item for item in items if item["ok"]]
-        for item in items:
-            out = outputs.setdefault(item["unit"], _ShardOutput(list(models)))
-            out.corrupt += not item["ok"]
-            out.keys += [item["key"]] if item["ok"] else []
-        if ok:
-            unit = ok[0]["unit"]
-            for name, clip in models.items():
-                outputs[unit].vectors[name].append(clip.encode_images(batch["tensors"][0]).numpy())
-        for item in batch["items"]:
-            if item.get("end"):
-                out = outputs.pop(item["unit"], _ShardOutput(list(models)))
-                _write_shard(cfg, ctx, plan, item["unit"], tars[item["unit"]], out, item["count"])
-                progress.update(1)
+    with _Writer() as writer:
+        for batch in loader:
+            items = [item for item in batch["items"] if not item.get("end")]
+            ok = [item for item in items if item["ok"]]
+            for item in items:
+                out = outputs.setdefault(item["unit"], _ShardOutput(list(models)))
+                out.corrupt += not item["ok"]
+                out.keys += [item["key"]] if item["ok"] else []
+            if ok:
+                unit = ok[0]["unit"]
+                for name, clip in models.items():
+                    outputs[unit].vectors[name].append(clip.encode_images(batch["tensors"][0]).numpy())
+            for item in batch["items"]:
+                if item.get("end"):
+                    unit, info = item["unit"], item["info"]
+                    if isinstance(info, str):  # the worker's header pass failed: a damaged tar
+                        raise ShardError(info)
+                    out = outputs.pop(unit, _ShardOutput(list(models)))
+                    args = (cfg, ctx, plan, unit, tars[unit], out, item["count"], info)
+                    writer.submit(_write_shard, *args, done=lambda: progress.update(1))
     progress.close()
 
 
-def _write_shard(cfg, ctx, plan: UnitPlan, unit: str, tar: Path, out: _ShardOutput, count: int) -> None:
-    members = scan_tar(tar)
+class _Writer:
+    """One background thread writing finished shards in order; `submit` first waits for (and
+    re-raises the error of) the write before, so at most one shard is pending. Leaving the block
+    waits for the last write; its error is raised unless another one is already on its way out."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="index-write")
+        self.pending = None
+
+    def submit(self, write, *args, done) -> None:
+        self.wait()
+        self.pending = self.pool.submit(lambda: (write(*args), done()))
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "_Writer":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        try:
+            if kind is None:
+                self.wait()
+            elif self.pending is not None:  # a finished shard is still written; our error wins
+                self.pending.exception()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _write_shard(
+    cfg, ctx, plan: UnitPlan, unit: str, tar: Path, out: _ShardOutput, count: int, members: dict[str, Member]
+) -> None:
     if count != len(members) or any(key not in members for key in out.keys):
         raise ShardError(
             f"{tar}: {count} samples read, {len(members)} pictures in its headers; `run --repair`"
