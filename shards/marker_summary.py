@@ -82,12 +82,14 @@ def read_all_markers(stage_dir: Path, units: list[str], summary: Path) -> Marker
         table.row_of[u] for u in set(units) - set(asked) if u in table.row_of
     }
     unread = np.flatnonzero(~same).tolist()  # units whose marker is not in the summary as it is now
+    table.stage_dir = Path(stage_dir)  # where a row that does not decode is read from instead
     if not unread and not stale_rows:
         return MarkerView(table, dict(zip(asked, rows.tolist())), counts_file(summary))
     fresh = [
         _fresh_table(stage_dir, asked, keys, unread[i : i + CHUNK]) for i in range(0, len(unread), CHUNK)
     ]
     table = _store(summary, table, stale_rows, fresh)
+    table.stage_dir = Path(stage_dir)
     order = {u: i for i, u in enumerate(asked)}
     found = sorted((u for u in table.row_of if u in order), key=order.__getitem__)
     return MarkerView(table, {u: table.row_of[u] for u in found}, counts_file(summary))
@@ -107,7 +109,7 @@ def _stat_markers(done: Path, units: list[str]) -> list[list[int] | None]:
             except FileNotFoundError:
                 found.append(None)
                 continue
-            found.append([stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
+            found.append([_signed(stat.st_ino), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns])
     finally:
         os.close(folder_fd)
     return found
@@ -133,6 +135,8 @@ _DROPPED = frozenset({"settings", "finished_at", "seconds", "rank", "unit"})
 def slim(marker: dict[str, Any]) -> dict[str, Any]:
     """The marker without settings and timings, each output only as its size and mtime."""
     kept = {k: v for k, v in marker.items() if k not in _DROPPED}
+    if OUTPUTS in kept and kept[OUTPUTS] is None:  # no record of its files, as when the key is absent
+        del kept[OUTPUTS]
     if OUTPUTS in kept:
         kept[OUTPUTS] = {
             p: {"bytes": r.get("bytes"), "mtime_ns": r.get("mtime_ns")} for p, r in kept[OUTPUTS].items()
@@ -156,12 +160,15 @@ def _load(summary: Path) -> SummaryTable:
 def _read_table(summary: Path) -> pa.Table:
     """The summary's table; an empty one when it is missing, of another version or damaged (it is
     only a cache: the markers are read again)."""
-    try:
-        with pa.memory_map(str(summary)) as source:
+    try:  # read into memory, not mapped: a file truncated in place would kill a mapping's reader
+        with pa.OSFile(str(summary)) as source:
             table = pa.ipc.open_file(source).read_all()
         if table.schema.metadata != SCHEMA.metadata or not table.schema.equals(SCHEMA):
             raise ValueError(f"version or columns differ ({table.schema.metadata})")
         table.validate(full=True)
+        nulls = [n for n in ("unit", *KEY_COLUMNS, "rest") if table.column(n).null_count]
+        if nulls:  # never written so: a damaged file
+            raise ValueError(f"nulls in {', '.join(nulls)}")
         return table
     except FileNotFoundError:
         pass
@@ -217,4 +224,11 @@ def _fresh_table(stage_dir: Path, units: list[str], keys: np.ndarray, chosen: li
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """An int64 column's value; None (not recorded: the file is checked in full) for anything else."""
+    usable = isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    return value if usable else None
+
+
+def _signed(inode: int) -> int:
+    """An inode number as int64 (overlayfs and some network file systems use all 64 bits)."""
+    return inode - 2**64 if inode >= 2**63 else inode

@@ -23,6 +23,8 @@ import json
 import logging
 import marshal
 import os
+import time
+import types
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -32,8 +34,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from shards import markers
 from shards.atomic import write_text_atomic
-from shards.markers import OUTPUTS
+from shards.markers import OUTPUTS, read_marker
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class SummaryTable:
 
     def __init__(self, table: pa.Table) -> None:
         self.table = table
+        self.stage_dir: Path | None = None  # set by marker_summary.read_all_markers
         self.decoded: dict[int, dict[str, Any]] = {}  # row -> its marker, the last DECODED_KEPT asked
 
     def __len__(self) -> int:
@@ -133,8 +137,17 @@ class SummaryTable:
         return marker
 
     def _decode(self, row: int) -> dict[str, Any]:
+        try:
+            marker = json.loads(self.rest[row])
+            if not isinstance(marker, dict):
+                raise ValueError(f"a {type(marker).__name__}, not an object")
+        except ValueError as err:  # a damaged summary: the marker itself, as the first read did
+            log.debug(
+                "summary row %d (%s) does not decode (%s): reading its marker", row, self.units[row], err
+            )
+            found = read_marker(self.stage_dir, self.units[row]) if self.stage_dir else None
+            return {**(found or {}), SLIM: False}
         sizes, mtimes, offsets, fingerprints = self._records
-        marker = json.loads(self.rest[row])
         if fingerprints[row] is not None:
             marker["fingerprint"] = fingerprints[row]
         if self.has_outputs[row]:
@@ -209,10 +222,10 @@ def with_fingerprint(found: Mapping[str, dict[str, Any]], fingerprint: str) -> M
 def recorded(found: Mapping[str, dict[str, Any]]) -> Mapping[str, dict[str, Any]]:
     """The markers of `found` with a record of their files (a view stays a view)."""
     if not isinstance(found, MarkerView):
-        return {u: m for u, m in found.items() if OUTPUTS in m}
+        return {u: m for u, m in found.items() if m.get(OUTPUTS) is not None}
     units, rows = found.summary_rows()
     kept = {u for u, keep in zip(units, found.summary.has_outputs[rows].tolist()) if keep}
-    kept.update(u for u in found.given() if OUTPUTS in found[u])
+    kept.update(u for u in found.given() if found[u].get(OUTPUTS) is not None)
     return found.subset([u for u in found if u in kept])
 
 
@@ -227,6 +240,22 @@ def in_order(found: Mapping[str, dict[str, Any]], units: list[str]) -> Mapping[s
     if isinstance(found, MarkerView):
         return found.subset([u for u in units if u in found])
     return {u: found[u] for u in units if u in found}
+
+
+def newest_marker_ns(stage_dir: Path, found: Mapping[str, dict[str, Any]]) -> int:
+    """The latest mtime (ns) of the marker files of `found`: from the summary's stat of them for
+    a view (a marker set since counts as now), else one stat each."""
+    if isinstance(found, MarkerView):
+        _, rows = found.summary_rows()
+        newest = int(found.summary.keys[rows, 2].max()) if len(rows) else 0
+        return max(newest, time.time_ns()) if found.given() else newest
+    newest = 0
+    for unit in found:
+        try:
+            newest = max(newest, os.stat(markers.marker_path(stage_dir, unit)).st_mtime_ns)
+        except OSError:
+            newest = time.time_ns()  # gone since: as good as changed
+    return newest
 
 
 def units_with_changed_outputs(
@@ -313,14 +342,30 @@ class Markers(Sequence):
 def _digest(view: MarkerView, merge_counts: Callable) -> str | None:
     if view.counts_file is None or view.given():  # a marker just written is not in the summary yet
         return None
+    if not isinstance(merge_counts, types.FunctionType):  # a partial, a callable object: not cached
+        return None
     units, rows = view.summary_rows()
-    code = getattr(merge_counts, "__code__", None)
     hasher = hashlib.blake2b(digest_size=16)
     hasher.update(f"{merge_counts.__module__}.{merge_counts.__qualname__}".encode())
-    hasher.update(marshal.dumps(code) if code else b"")  # the same bytes for the same source
+    hasher.update(_merge_sources(merge_counts))  # the same bytes for the same source
     hasher.update(np.ascontiguousarray(view.summary.keys[rows]).tobytes())
     hasher.update("\0".join(units).encode())
     return hasher.hexdigest()
+
+
+def _merge_sources(merge_counts: types.FunctionType) -> bytes:
+    """The code of the merge function and of the functions it calls by name, and theirs
+    (`sum_counts`, `add_counts`): counts merged by other code are not reused."""
+    seen, todo, parts = set(), [merge_counts], []
+    while todo:
+        function = todo.pop()
+        if function in seen or len(seen) > 32:
+            continue
+        seen.add(function)
+        parts.append(marshal.dumps(function.__code__))
+        names = function.__code__.co_names
+        todo += [f for f in (function.__globals__.get(n) for n in names) if isinstance(f, types.FunctionType)]
+    return hashlib.blake2b(b"\0".join(sorted(parts)), digest_size=16).digest()
 
 
 def _read_counts(path: Path) -> dict[str, Any]:

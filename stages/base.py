@@ -291,7 +291,8 @@ def finish_stage(stage: str, plan: UnitPlan, units_run: int, merge_counts) -> St
     marker once and writes `_SUCCESS.json`, unless it is there already and this rank did nothing."""
     if plan.world_size == 1:
         if units_run and len(plan.units) > 1:  # the summary learns the markers written now
-            read_markers(plan.stage_dir, plan.units, plan.root)
+            found = read_markers(plan.stage_dir, plan.units, plan.root)  # (its merge then cached)
+            return _finish_whole(stage, plan, units_run, merge_counts, found)
         return _finish_whole(stage, plan, units_run, merge_counts, plan.done)
     if not plan.split_by_rank:
         return _finish_whole(stage, plan, units_run, merge_counts, read_markers(plan.stage_dir, plan.units))

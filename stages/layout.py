@@ -71,7 +71,7 @@ class CompleteStage:
         unread = [u for u in chosen if u not in self.markers]  # outside the share checked at first
         if unread:
             self.markers.update({u: _outputs_only(m) for u, m in read_markers(self.folder, unread).items()})
-        problems = _unit_problems(self, {u: self.markers[u] for u in chosen if u in self.markers}, full=True)
+        problems = _unit_problems(self, marker_view.in_order(self.markers, chosen), full=True)
         if problems:
             raise DamagedOutput(self.label, problems)
         return self

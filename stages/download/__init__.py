@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from shards import markers
+from shards import marker_view, markers
 from shards.atomic import remove_orphans, write_json_atomic
 from shards.index import write_shard_index
 from shards.naming import list_shards, shard_name, shard_names
@@ -54,6 +54,7 @@ from stages.errors import StageConfigError
 from stages.layout import RunLayout
 
 log = logging.getLogger(__name__)
+INDEX_FILE = "_index.json"  # the wids shard index of every shard
 
 NAME = "download"
 FORMAT_VERSION = 1  # bump only when the meaning of the output changes
@@ -227,8 +228,7 @@ def run(cfg: DownloadConfig, ctx: RunContext, retry_failed: bool = False) -> Sta
         ensure_split(urls)
     stats = img2dataset_run.download_units(cfg, urls, jobs, plan, out, ctx) if jobs else None
     result = finish_stage(NAME, plan, len(jobs), merge_counts)
-    index_stale = result.units_run or not (out / "_index.json").exists()  # else written when it was
-    if result.is_complete and plan.holds_every_marker and index_stale:  # the rank that checked them all
+    if result.is_complete and plan.holds_every_marker and _index_stale(out, plan):  # checked them all
         _write_index(out, plan.units, plan.done)
     _log_summary(result, stats)
     return result
@@ -303,6 +303,16 @@ def merge_counts(done_markers: list[dict[str, Any]]) -> dict[str, Any]:
     return counts
 
 
+def _index_stale(out: Path, plan) -> bool:
+    """`_index.json` is missing or older than a marker: a nothing-to-do run on 400,000 shards
+    skips rebuilding it, a run that redid a shard (even one stopped before the index) does not."""
+    try:
+        written = (out / INDEX_FILE).stat().st_mtime_ns
+    except FileNotFoundError:
+        return True
+    return written < marker_view.newest_marker_ns(out, plan.done)
+
+
 def _write_index(out: Path, units: list[str], done: dict[str, dict[str, Any]]) -> None:
     entries = [
         {
@@ -314,7 +324,7 @@ def _write_index(out: Path, units: list[str], done: dict[str, dict[str, Any]]) -
         for u in units
         if u in done
     ]
-    write_shard_index(out / "_index.json", entries)
+    write_shard_index(out / INDEX_FILE, entries)
 
 
 def _log_summary(result: StageResult, stats: dict[str, Any] | None) -> None:

@@ -14,7 +14,7 @@ import torch
 from shards.atomic import remove_orphans, write_json_atomic
 from shards.identity import file_sha256
 from shards.naming import rank_split
-from stages.base import DamagedOutput, RunContext, StageResult, UnitPlan, finish_stage, plan_units, sum_counts
+from stages.base import RunContext, StageResult, UnitPlan, finish_stage, plan_units, sum_counts
 from stages.errors import ShardError, StageConfigError
 from stages.layout import FINAL_UNIT, CompleteStage, RunLayout
 from stages.training.engine import make_engine, min_over_ranks
@@ -111,7 +111,7 @@ def verify_across_ranks(stage: CompleteStage, units: list[str], engine) -> None:
     problem = None
     try:
         stage.verify(rank_split(units, engine.rank, engine.world_size))
-    except DamagedOutput as err:
+    except Exception as err:  # any: a rank that left before the all-reduce would hang the others
         problem = err
     first = min_over_ranks(engine.world_size if problem is None else engine.rank, engine.device)
     if problem is not None:

@@ -123,6 +123,32 @@ def test_deleting_one_marker_redoes_only_that_shard(bad_rows_run):
     assert _key_hashes(root) == hashes
 
 
+def test_a_crash_before_the_shard_index_is_written_is_repaired_by_the_next_run(bad_rows_run, monkeypatch):
+    """A redone shard makes `_index.json` stale: a run stopped after the shard's marker but before
+    the index leaves an index older than that marker, and the next run (nothing left to download)
+    writes it again from the markers."""
+    import stages.download as download
+    from pipeline.cli import main as cli
+
+    folder, manifest, _, _ = bad_rows_run
+    images = folder / "run" / "images"
+    expected = json.loads((images / "_index.json").read_text())
+    (images / "_index.json").write_text('{"stale": true}')  # as an index of older shards would be
+    (images / "_done" / "000001.json").unlink()
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed before the index")
+
+    monkeypatch.chdir(folder)
+    with monkeypatch.context() as patched:
+        patched.setattr(download, "_write_index", killed)
+        assert cli(["run", str(manifest)]) == 130  # as the CLI ends on an interrupt
+    assert (images / "_done" / "000001.json").exists()
+    assert json.loads((images / "_index.json").read_text()) == {"stale": True}
+    assert run_cli("run", str(manifest), cwd=folder).returncode == 0
+    assert json.loads((images / "_index.json").read_text()) == expected
+
+
 def test_changed_setting_is_refused_then_forced(bad_rows_run):
     folder, manifest, _, _ = bad_rows_run
     settings = {"caption_col": "caption", "label_col": "label", "max_failed_fraction": 1.0, "image_size": 24}

@@ -112,3 +112,50 @@ def test_a_marker_set_after_the_read_is_the_one_seen(tmp_path):
     assert after["ok"] == before["ok"] + 1000
     del view["000002"]
     assert "000002" not in marker_view.with_fingerprint(view, fingerprint)
+
+
+def _rewrite_summary(summary, change):
+    import pyarrow as pa
+
+    with pa.OSFile(str(summary)) as source:
+        table = pa.ipc.open_file(source).read_all()
+    table = change(table)
+    with pa.OSFile(str(summary), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+@pytest.mark.parametrize("damage", ["rest not JSON", "null mtimes"])
+def test_a_summary_damaged_inside_valid_arrow_is_not_believed(tmp_path, damage):
+    """Rows whose JSON does not decode are read from their markers; a key column with nulls (never
+    written so) makes the whole file unusable: either way the answers are the markers'."""
+    import pyarrow as pa
+
+    fingerprint = _stage(tmp_path)
+    expected = _answers(markers.read_markers(tmp_path, UNITS), tmp_path, fingerprint)
+    summary = marker_summary.summary_file(tmp_path, tmp_path)
+    read_markers(tmp_path, UNITS, tmp_path)
+
+    def change(table):
+        if damage == "rest not JSON":
+            return table.set_column(
+                table.schema.get_field_index("rest"), "rest", pa.array(["{"] * len(table))
+            )
+        nulls = pa.nulls(len(table), pa.int64())
+        return table.set_column(table.schema.get_field_index("mtime_ns"), "mtime_ns", nulls)
+
+    _rewrite_summary(summary, change)
+    marker_summary.counts_file(summary).unlink(missing_ok=True)
+    _fresh_process()
+    assert _answers(read_markers(tmp_path, UNITS, tmp_path), tmp_path, fingerprint) == expected
+
+
+def test_values_beyond_int64_are_not_recorded_and_inodes_fit(tmp_path):
+    """A marker claiming a file of 2**63 bytes is kept with that size unrecorded (so the file is
+    checked, and found to differ), not an OverflowError; a 64-bit inode number maps to int64."""
+    fingerprint = _stage(tmp_path, UNITS[:3])
+    path = markers.marker_path(tmp_path, "000001")
+    path.write_text(path.read_text().replace('"bytes": 12', f'"bytes": {2**63}', 1))
+    direct = _answers(markers.read_markers(tmp_path, UNITS[:3]), tmp_path, fingerprint)
+    assert _answers(read_markers(tmp_path, UNITS[:3], tmp_path), tmp_path, fingerprint) == direct
+    assert "000001" in direct[1]
+    assert marker_summary._signed(2**64 - 1) == -1 and marker_summary._signed(5) == 5
