@@ -263,9 +263,12 @@ def test_too_many_failures_stop_the_stage_naming_the_error(tmp_path, llava_serve
     with FlakyProxy(url, fail=("image_url",)) as proxy:
         server = {"endpoint": proxy.url, "retries": 0}
         assert _run(_server_manifest(tmp_path, model, server, "broken")) == 2
-    assert _error_line(capsys.readouterr().err) == (
-        "error: caption shard 000000: 4 of 4 images failed on the server (max_failed_fraction 0.5); "
-        'last error: HTTP 500: {"error": "injected failure"}'
+    # shards are written as their answers complete (stages/caption/streaming.py): under load the
+    # second one can fail first, so either names the error
+    assert re.fullmatch(
+        r"error: caption shard 00000[01]: 4 of 4 images failed on the server \(max_failed_fraction 0\.5\); "
+        r'last error: HTTP 500: \{"error": "injected failure"\}',
+        _error_line(capsys.readouterr().err),
     )
     assert not list((tmp_path / "broken" / "captions" / "server" / "_done").glob("*.json"))
 
