@@ -11,9 +11,9 @@ units touches none of them. The three functions above also take a plain dict of 
 own share, read directly), so a caller needs no second path.
 
 `merged` keeps the merged counts in `<summary>.counts.json`, keyed by a digest of the markers it
-merged (unit names and each marker file's inode, size, mtime and ctime) and of the merge function's
-code: any marker written, replaced, edited or removed since gives another digest, so the cache is
-used only for exactly the markers it was computed from.
+merged (unit names and each marker file's inode, size, mtime and ctime) and of the code of the merge
+function and of the functions it calls: any marker written, replaced, edited or removed since gives
+another digest, so the cache is used only for exactly the markers it was computed from.
 """
 
 from __future__ import annotations
