@@ -210,22 +210,26 @@ class MarkerView(MutableMapping):
 
 def with_fingerprint(found: Mapping[str, dict[str, Any]], fingerprint: str) -> Mapping[str, dict[str, Any]]:
     """The markers of `found` made with `fingerprint` (a view stays a view)."""
-    if not isinstance(found, MarkerView):
-        return {u: m for u, m in found.items() if m.get("fingerprint") == fingerprint}
-    units, rows = found.summary_rows()
-    same = found.summary.has_fingerprint(fingerprint)[rows]
-    kept = {u for u, keep in zip(units, same.tolist()) if keep}
-    kept.update(u for u in found.given() if found[u].get("fingerprint") == fingerprint)
-    return found.subset([u for u in found if u in kept])
+    return _kept(
+        found,
+        lambda summary: summary.has_fingerprint(fingerprint),
+        lambda m: m.get("fingerprint") == fingerprint,
+    )
 
 
 def recorded(found: Mapping[str, dict[str, Any]]) -> Mapping[str, dict[str, Any]]:
     """The markers of `found` with a record of their files (a view stays a view)."""
+    return _kept(found, lambda summary: summary.has_outputs, lambda m: m.get(OUTPUTS) is not None)
+
+
+def _kept(found, rows_kept: Callable[[SummaryTable], np.ndarray], marker_kept: Callable[[dict], bool]):
+    """The markers of `found` that `marker_kept` keeps; for a view's summary rows, decided on the
+    columns by `rows_kept(summary)` (a bool per row), the same test without decoding."""
     if not isinstance(found, MarkerView):
-        return {u: m for u, m in found.items() if m.get(OUTPUTS) is not None}
+        return {u: m for u, m in found.items() if marker_kept(m)}
     units, rows = found.summary_rows()
-    kept = {u for u, keep in zip(units, found.summary.has_outputs[rows].tolist()) if keep}
-    kept.update(u for u in found.given() if found[u].get(OUTPUTS) is not None)
+    kept = {u for u, keep in zip(units, rows_kept(found.summary)[rows].tolist()) if keep}
+    kept.update(u for u in found.given() if marker_kept(found[u]))
     return found.subset([u for u in found if u in kept])
 
 
