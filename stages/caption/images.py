@@ -13,9 +13,10 @@ pictures of different sizes together as its model expects); both run in the work
 cross to the main process. A transform with `encoded = True` gets the image file's bytes as stored,
 undecoded (the server backend's data URLs); a batch gets the list of what it returned.
 
-`shard_info(path)`, when given, runs in the worker once a shard's samples are read (its file is
-then in the page cache) and its result rides on the end-of-shard item as `info`: per-shard work
-that the main process would otherwise do between batches (the index stage's header scan).
+`read_shard(path)` gives a shard's samples (webdataset's reader by default). When what it returns
+has an `info` attribute, its value once the samples are read rides on the end-of-shard item as
+`info`: per-shard work done in the worker that the main process would otherwise do between batches
+(the index stage reads each tar's headers and pictures in one pass and sends its metadata so).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from PIL import Image
@@ -49,27 +50,27 @@ class ShardImages(IterableDataset):
         transforms: list[Callable],
         decode_size: int,
         batch_size: int,
-        shard_info: Callable[[Path], Any] | None = None,
+        read_shard: Callable[[Path], Iterable[dict]] | None = None,
     ) -> None:
         super().__init__()
         self.shards, self.transforms, self.decode_size = shards, transforms, decode_size
-        self.batch_size, self.shard_info = batch_size, shard_info
+        self.batch_size, self.read_shard = batch_size, read_shard or _webdataset_shard
 
     def __iter__(self) -> Iterator[dict]:
         """Collated batches, never across shards."""
         worker = get_worker_info()
         mine = self.shards[worker.id :: worker.num_workers] if worker else self.shards
         for unit, path in mine:
-            batch, count = [], 0
-            for sample in iter_samples([path]):
+            batch, count, samples = [], 0, self.read_shard(path)
+            for sample in samples:
                 count += 1
                 batch.append(self._item(unit, sample))
                 if len(batch) == self.batch_size:
                     yield self.collate(batch)
                     batch = []
             end = {"unit": unit, "end": True, "count": count}
-            if self.shard_info is not None:
-                end["info"] = self.shard_info(path)
+            if hasattr(samples, "info"):
+                end["info"] = samples.info
             yield self.collate(batch + [end])
 
     def _item(self, unit: str, sample: dict) -> dict:
@@ -108,6 +109,10 @@ class ShardImages(IterableDataset):
         return [_collated(t, i, ok) for i, t in enumerate(self.transforms)] if ok else []
 
 
+def _webdataset_shard(path: Path) -> Iterator[dict]:
+    return iter_samples([path])
+
+
 def _batched(transform: Callable) -> bool:
     return getattr(transform, "batched", False)
 
@@ -141,13 +146,13 @@ def image_batches(
     decode_size: int,
     batch_size: int,
     workers: int,
-    shard_info: Callable[[Path], Any] | None = None,
+    read_shard: Callable[[Path], Iterable[dict]] | None = None,
 ) -> DataLoader:
     """Batches `{"items": [...], "tensors": [...]}` of one shard each, in shard order per worker
     (see `collate`); the workers batch, so the loader passes them on as they are."""
     workers = min(workers, len(shards))
     return DataLoader(
-        ShardImages(shards, transforms, decode_size, batch_size, shard_info),
+        ShardImages(shards, transforms, decode_size, batch_size, read_shard),
         batch_size=None,
         num_workers=workers,
         collate_fn=_as_made,

@@ -3,13 +3,14 @@ models' eval transform, stages/caption/images.py), every batch through every mod
 `<model>/vectors/<shard>.npy` (fp16) and `meta/<shard>.parquet`, then its marker (last).
 
 A shard's rows are its decodable pictures in tar order; an undecodable one is counted, not indexed.
-The metadata comes from one pass over the tar's member headers (offsets of each `.jpg`, the `.txt`
-alt text, the img2dataset `.json`'s url), so a picture can later be read by key from its offset.
+Each tar is read once, by the DataLoader worker that takes it (`ShardPictures`): a pass over its
+member headers gives each `.jpg`'s offset, the `.txt` alt text and the img2dataset `.json`'s url
+(so a picture can later be read by key from its offset), then the pictures are read at those
+offsets through one open file. The metadata rides to the main process on the shard's last batch.
 
-The main process only runs the models: the header pass is done by the DataLoader worker that read
-the shard (`shard_info`), and a finished shard's files and marker are written by one background
-thread while the next shard's batches are embedded (at most one shard waits to be written; the
-marker is still written last, after its files, and a write's error stops the loop).
+The main process only runs the models: a finished shard's files and marker are written by one
+background thread while the next shard's batches are embedded (at most one shard waits to be
+written; the marker is still written last, after its files, and a write's error stops the loop).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +49,7 @@ META_SCHEMA = pa.schema(
     ]
 )
 MAX_META_BYTES = 1 << 20  # a .txt/.json member larger than this is not read (hostile or not metadata)
+MAX_PICTURE_BYTES = 64 << 20  # a .jpg member larger than this is counted as undecodable, never read
 
 
 @dataclass
@@ -67,7 +70,8 @@ def vectors_path(folder: Path, model: str, unit: str) -> Path:
 
 
 def scan_tar(tar: Path) -> dict[str, Member]:
-    """Every key with a `.jpg` member: its offset and size, alt text and url, in file order."""
+    """Every key's `.jpg` member: its offset and size, alt text and url, in file order. A sample
+    without a picture, or with two, is a damaged shard (the download stage writes one each)."""
     found: dict[str, Member] = {}
     extras: dict[str, dict[str, str]] = {}
     try:
@@ -77,26 +81,57 @@ def scan_tar(tar: Path) -> dict[str, Member]:
                     continue
                 key, ext = split_member_name(info.name)
                 if ext == "jpg":
+                    if key in found:
+                        raise _damaged(tar, f"sample {key!r} has two .jpg members")
                     found[key] = Member(key, info.offset_data, info.size)
                 elif ext in ("txt", "json") and info.size <= MAX_META_BYTES:
                     extras.setdefault(key, {})[ext] = (
                         archive.extractfile(info).read().decode("utf-8", "replace")
                     )
+                else:
+                    extras.setdefault(key, {})
     except (tarfile.TarError, EOFError, OSError) as err:
-        raise ShardError(f"{tar}: damaged image shard ({err}); `run --repair` redoes it") from None
+        raise _damaged(tar, f"damaged image shard ({err})") from None
+    missing = next((key for key in extras if key not in found), None)
+    if missing is not None:
+        raise _damaged(tar, f"sample {missing!r} has no .jpg member")
     for key, member in found.items():
         member.alt = extras.get(key, {}).get("txt", "")
         member.url = _url(extras.get(key, {}).get("json"))
     return found
 
 
-def scan_or_error(tar: Path) -> dict[str, Member] | str:
-    """`scan_tar` in a DataLoader worker: its ShardError as its one line (torch would add the
-    worker's traceback to a raised one)."""
-    try:
-        return scan_tar(tar)
-    except ShardError as err:
-        return str(err)
+def _damaged(tar: Path, what: str) -> ShardError:
+    return ShardError(f"{tar}: {what}; `run --repair` redoes it")
+
+
+class ShardPictures:
+    """One image shard read once, in a DataLoader worker: `scan_tar`, then each picture at its
+    offset. Once iterated, `info` is the members by key, or the one-line reason the shard cannot be
+    indexed (torch would add the worker's traceback to a raised error)."""
+
+    def __init__(self, tar: Path) -> None:
+        self.tar, self.info = tar, None
+
+    def __iter__(self) -> Iterator[dict]:
+        try:
+            members = scan_tar(self.tar)
+            with open(self.tar, "rb") as handle:
+                for key, member in members.items():
+                    if member.size > MAX_PICTURE_BYTES:  # not read: counted as undecodable
+                        yield {"__key__": key}
+                        continue
+                    handle.seek(member.offset)
+                    data = handle.read(member.size)
+                    if len(data) != member.size:
+                        raise _damaged(self.tar, f"cut off inside {key}.jpg")
+                    yield {"__key__": key, "jpg": data}
+        except ShardError as err:
+            self.info = str(err)
+        except OSError as err:
+            self.info = f"{self.tar}: cannot read the image shard ({err})"
+        else:
+            self.info = members
 
 
 def _url(text: str | None) -> str:
@@ -164,7 +199,7 @@ def embed_shards(cfg, ctx: RunContext, plan: UnitPlan, tars: dict[str, Path]) ->
         first.image_size,
         cfg.batch_size,
         cfg.num_workers,
-        shard_info=scan_or_error,
+        read_shard=ShardPictures,
     )
     outputs: dict[str, _ShardOutput] = {}
     progress = tqdm(total=len(tars), desc=f"index[{cfg.name}]", unit="shard", disable=not ctx.is_main)
@@ -183,10 +218,10 @@ def embed_shards(cfg, ctx: RunContext, plan: UnitPlan, tars: dict[str, Path]) ->
             for item in batch["items"]:
                 if item.get("end"):
                     unit, info = item["unit"], item["info"]
-                    if isinstance(info, str):  # the worker's header pass failed: a damaged tar
+                    if isinstance(info, str):  # the worker could not read the tar: damaged
                         raise ShardError(info)
                     out = outputs.pop(unit, _ShardOutput(list(models)))
-                    args = (cfg, ctx, plan, unit, tars[unit], out, item["count"], info)
+                    args = (cfg, ctx, plan, unit, out, info)
                     writer.submit(_write_shard, *args, done=lambda: progress.update(1))
     progress.close()
 
@@ -224,13 +259,7 @@ class _Writer:
             self.pool.shutdown(wait=True)
 
 
-def _write_shard(
-    cfg, ctx, plan: UnitPlan, unit: str, tar: Path, out: _ShardOutput, count: int, members: dict[str, Member]
-) -> None:
-    if count != len(members) or any(key not in members for key in out.keys):
-        raise ShardError(
-            f"{tar}: {count} samples read, {len(members)} pictures in its headers; `run --repair`"
-        )
+def _write_shard(cfg, ctx, plan: UnitPlan, unit: str, out: _ShardOutput, members: dict[str, Member]) -> None:
     folder, files = plan.stage_dir, []
     for name, chunks in out.vectors.items():
         dim = chunks[0].shape[1] if chunks else 0
