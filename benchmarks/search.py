@@ -24,7 +24,8 @@ so a change of load on a shared machine falls on both; the speed ratio is taken 
 median, the spread (min-max) of the pairs' ratios, the ratio of the best runs and the load average
 are reported. Each run's time is also split into the model's (`encode_images`, the same work in
 both loops and what load slows most) and the rest (loading, waiting for batches, the loops' own
-work, writes on the main thread), which is the loops' difference and far less sensitive to load.
+work, writes on the main thread), which is the loops' difference and far less sensitive to load,
+and the CPU time of the run (the main process and its DataLoader workers): the work each loop does.
 """
 
 from __future__ import annotations
@@ -230,14 +231,16 @@ def embedding_rows(root: Path, model: dict, images: int, device: str, repeats: i
     index(), evaluate()  # untimed: page cache, lazy imports
     times: dict[str, list[float]] = {"index": [], "evaluate": []}
     outside: dict[str, list[float]] = {"index": [], "evaluate": []}  # of the model
+    cpu: dict[str, list[float]] = {"index": [], "evaluate": []}  # this process and its workers
     loads = [os.getloadavg()[0]]
     loops = [("index", index), ("evaluate", evaluate)]
     for pair in range(repeats):
         for name, loop in loops if pair % 2 == 0 else loops[::-1]:
             with model_clock() as in_model:
-                started = time.perf_counter()
+                started, cpu_before = time.perf_counter(), cpu_seconds()
                 loop()
                 times[name].append(time.perf_counter() - started)
+                cpu[name].append(cpu_seconds() - cpu_before)
             outside[name].append(times[name][-1] - in_model[0])
         loads.append(os.getloadavg()[0])
         line = ", ".join(
@@ -257,10 +260,18 @@ def embedding_rows(root: Path, model: dict, images: int, device: str, repeats: i
     return [
         ["index stage (stages/index/embed.py)", f"{images / median['index']:.0f}",
          f"{np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x), best {best:.2f}x",
-         _seconds(times["index"]), _seconds(outside["index"], 2)],
+         _seconds(times["index"]), _seconds(outside["index"], 2), _seconds(cpu["index"])],
         ["evaluate stage (stages/evaluate/embed.py)", f"{images / median['evaluate']:.0f}", "1.00x",
-         _seconds(times["evaluate"]), _seconds(outside["evaluate"], 2)],
+         _seconds(times["evaluate"]), _seconds(outside["evaluate"], 2), _seconds(cpu["evaluate"])],
     ]  # fmt: skip
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and of its children that have ended (the workers)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _seconds(values: list[float], digits: int = 1) -> str:
@@ -336,7 +347,8 @@ def main() -> None:
     print(f"\nembedding {args.images} pictures (96 px JPEG, ViTs at 64 px, batch 256, 2 workers)\n")
     print(
         f"| model | loop | images/s (median of {args.repeats}) | vs evaluate: median of pairs (min-max), "
-        "best runs | run: median (min-max) | outside the model |\n|---|---|---:|---:|---:|---:|"
+        "best runs | run: median (min-max) | outside the model | CPU s, workers included |"
+        "\n|---|---|---:|---:|---:|---:|---:|"
     )
     for row in embedding:
         print("| " + " | ".join(row) + " |")

@@ -7,6 +7,7 @@ folder of open_clip JSON configs. Embeddings are L2-normalised float32.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from tqdm import tqdm
 
 from captioning.base import CaptionerError, torch_dtype
 from captioning.clip_family import embed_dim
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,8 +33,7 @@ class ClipModel:
 
     @property
     def image_size(self) -> int:
-        size = self.model.visual.image_size
-        return max(size) if isinstance(size, (tuple, list)) else int(size)
+        return _side(self.model.visual.image_size)
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -61,6 +63,10 @@ def register_configs(config_dir: Path | None) -> None:
     if not Path(config_dir).is_dir():
         raise CaptionerError(f"open_clip config folder not found: {config_dir}")
     open_clip.add_model_config(str(config_dir))
+
+
+def _side(size) -> int:
+    return max(size) if isinstance(size, (tuple, list)) else int(size)
 
 
 def load_clip(
@@ -101,3 +107,28 @@ def load_clip(
         device,
         torch_dtype(dtype),
     )
+
+
+def eval_transform(arch: str, pretrained: str | Path | None = None, config_dir: Path | None = None):
+    """`(preprocess, image_size)` of `load_clip(arch, pretrained, config_dir)` without its weights:
+    open_clip resolves the same config (and pretrained tag) and builds the model on the meta device,
+    in tens of milliseconds, so a caller can start its DataLoader workers while the weights load.
+    None when the model cannot be built so; the caller then takes the loaded model's transform."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    root, silent = logging.getLogger(), lambda record: False
+    root.addFilter(silent)  # open_clip would log "No pretrained weights loaded ..." on the root logger
+    try:
+        register_configs(config_dir)
+        with torch.device("meta"):
+            model = open_clip.create_model(
+                arch, pretrained=str(pretrained) if pretrained else None, load_weights=False, device="meta"
+            )
+        preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+        return preprocess, _side(model.visual.image_size)
+    except Exception as err:  # any model open_clip cannot build on meta: only the early start is lost
+        log.debug("%s: no transform before loading its weights (%s)", arch, err)
+        return None
+    finally:
+        root.removeFilter(silent)

@@ -8,8 +8,9 @@ member headers gives each `.jpg`'s offset, the `.txt` alt text and the img2datas
 (so a picture can later be read by key from its offset), then the pictures are read at those
 offsets through one open file. The metadata rides to the main process on the shard's last batch.
 
-The main process only runs the models: a finished shard's files and marker are written by one
-background thread while the next shard's batches are embedded (at most one shard waits to be
+The workers start before the models' weights load (their eval transform is built without them,
+`eval_transform`), so the first batches are decoded meanwhile. The main process only runs the
+models: a finished shard's files and marker are written by one background thread while the next shard's batches are embedded (at most one shard waits to be
 written; the marker is still written last, after its files, and a write's error stops the loop).
 """
 
@@ -183,28 +184,41 @@ class _ShardOutput:
         self.corrupt = 0
 
 
-def embed_shards(cfg, ctx: RunContext, plan: UnitPlan, tars: dict[str, Path]) -> None:
+def models_and_batches(cfg, root: Path, tars: dict[str, Path]) -> tuple[dict, Iterator[dict]]:
+    """The models, and the batches of the shards. The DataLoader workers are started before the
+    weights load, so they decode the first shards meanwhile, when the eval transform can be built
+    without the weights and equals the loaded first model's; otherwise they start after."""
+    from captioning.clip_models import eval_transform
+    from stages.evaluate import model_checkpoint
+
+    early = eval_transform(cfg.model, model_checkpoint(root, cfg.models[0]), cfg.config_dir)
+    batches = iter(_loader(cfg, tars, *early)) if early else None
+    models = load_models(cfg, root)
+    first = next(iter(models.values()))
+    if early is None or (repr(early[0]), early[1]) != (repr(first.preprocess), first.image_size):
+        log.info("index: the DataLoader starts after the models loaded (%s)", cfg.model)
+        batches = iter(_loader(cfg, tars, first.preprocess, first.image_size))
+    return models, batches
+
+
+def _loader(cfg, tars: dict[str, Path], preprocess, image_size: int):
     from stages.caption.images import image_batches
 
+    shards, workers = list(tars.items()), cfg.num_workers
+    return image_batches(shards, [preprocess], image_size, cfg.batch_size, workers, read_shard=ShardPictures)
+
+
+def embed_shards(cfg, ctx: RunContext, plan: UnitPlan, tars: dict[str, Path]) -> None:
     folder = plan.stage_dir
     for unit in tars:  # temporary files a killed run left for this rank's units
         remove_orphans(folder / "meta", unit)
         for entry in cfg.models:
             remove_orphans(folder / entry.name / "vectors", unit)
-    models = load_models(cfg, ctx.root)
-    first = next(iter(models.values()))
-    loader = image_batches(
-        list(tars.items()),
-        [first.preprocess],
-        first.image_size,
-        cfg.batch_size,
-        cfg.num_workers,
-        read_shard=ShardPictures,
-    )
+    models, batches = models_and_batches(cfg, ctx.root, tars)
     outputs: dict[str, _ShardOutput] = {}
     progress = tqdm(total=len(tars), desc=f"index[{cfg.name}]", unit="shard", disable=not ctx.is_main)
     with _Writer() as writer:
-        for batch in loader:
+        for batch in batches:
             items = [item for item in batch["items"] if not item.get("end")]
             ok = [item for item in items if item["ok"]]
             for item in items:

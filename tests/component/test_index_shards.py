@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+from multiprocessing import active_children
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,12 @@ import torch
 from examples.image_server import generated_jpeg
 from pipeline.cli import main as cli
 from shards import markers
+from stages.caption.images import decode_image
 from stages.index import embed
 from stages.index.embed import ShardPictures
 from tests.conftest import FAKE_MARKER
 from tests.helpers.index_run import CORRUPT, write_index_manifest, write_shards
+from tests.helpers.open_clip_families import FAMILIES, save_family
 
 
 def _manifest(folder: Path, tiny_models: dict, **index) -> Path:
@@ -52,14 +55,28 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_each_vector_is_the_embedding_of_its_own_keys_picture(tmp_path, tiny_models, workers):
+@pytest.mark.parametrize("workers, early", [(0, "built"), (2, "built"), (2, "differs"), (2, "fails")])
+def test_each_vector_is_its_own_keys_picture_embedded(tmp_path, tiny_models, monkeypatch, workers, early):
+    """`early`: the transform the workers start with before the weights load (models_and_batches):
+    open_clip's, one that differs from the loaded model's (the loader is started again with the
+    model's), or none (the workers start after the weights)."""
+    from captioning import clip_models
     from captioning.clip_models import load_clip
-    from stages.caption.images import decode_image
 
+    if early == "differs":
+        wrong = clip_models.eval_transform(tiny_models["clip_arch"], None, tiny_models["clip_configs"])
+        wrong[0].transforms[-1].mean = (0.0, 0.0, 0.0)
+        monkeypatch.setattr(clip_models, "eval_transform", lambda *args: wrong)
+    elif early == "fails":
+        monkeypatch.setattr(clip_models, "eval_transform", lambda *args: None)
+    load, workers_while_loading = embed.load_models, []
+    monkeypatch.setattr(
+        embed, "load_models", lambda *a: (workers_while_loading.append(len(active_children())), load(*a))[1]
+    )
     write_shards(tmp_path / "run", shards=3, per_shard=5)
     manifest = _manifest(tmp_path, tiny_models, num_workers=workers)
     assert cli(["run", str(manifest)]) == 0
+    assert workers_while_loading == [workers if early != "fails" else 0]
     clip = load_clip(tiny_models["clip_arch"], tiny_models["clip_checkpoint"], tiny_models["clip_configs"])
     for unit in ("000000", "000001", "000002"):
         keys = pq.read_table(_stage(manifest) / "meta" / f"{unit}.parquet").column("key").to_pylist()
@@ -122,3 +139,22 @@ def test_a_picture_over_the_size_bound_is_counted_as_undecodable_not_read(tmp_pa
     assert done["counts"] == {"images": 4, "corrupt_images": 2}  # the bound's and CORRUPT
     keys = pq.read_table(_stage(manifest) / "meta" / "000000.parquet").column("key").to_pylist()
     assert big not in keys and CORRUPT not in keys and len(keys) == 4
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_the_transform_built_before_the_weights_is_the_loaded_models(tmp_path, name):
+    """Families with a transformers text tower (`from_pretrained`, which refuses the meta device)
+    get none: their workers start after the weights load."""
+    from captioning.clip_models import eval_transform, load_clip
+
+    arch, checkpoint, configs = save_family(FAMILIES[name], tmp_path)
+    built = eval_transform(arch, checkpoint, configs)
+    if FAMILIES[name].text_class == "HFTextEncoder":
+        assert built is None
+        return
+    early, size = built
+    loaded = load_clip(arch, checkpoint, configs)
+    assert (repr(early), size) == (repr(loaded.preprocess), loaded.image_size)
+    picture = decode_image(generated_jpeg(3), size)
+    assert torch.equal(early(picture), loaded.preprocess(picture))
+    assert eval_transform(arch, tmp_path / "missing.pt", configs) is None  # load_clip then names it
