@@ -10,8 +10,9 @@ offsets through one open file. The metadata rides to the main process on the sha
 
 The workers start before the models' weights load (their eval transform is built without them,
 `eval_transform`), so the first batches are decoded meanwhile. The main process only runs the
-models: a finished shard's files and marker are written by one background thread while the next shard's batches are embedded (at most one shard waits to be
-written; the marker is still written last, after its files, and a write's error stops the loop).
+models: a finished shard's files and marker are written by one background thread while the next
+shard's batches are embedded (at most one shard waits to be written; the marker is still written
+last, after its files, and a write's error stops the loop).
 """
 
 from __future__ import annotations
