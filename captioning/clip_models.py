@@ -109,26 +109,48 @@ def load_clip(
     )
 
 
-def eval_transform(arch: str, pretrained: str | Path | None = None, config_dir: Path | None = None):
-    """`(preprocess, image_size)` of `load_clip(arch, pretrained, config_dir)` without its weights:
-    open_clip resolves the same config (and pretrained tag) and builds the model on the meta device,
-    in tens of milliseconds, so a caller can start its DataLoader workers while the weights load.
-    None when the model cannot be built so; the caller then takes the loaded model's transform."""
-    import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+@dataclass(frozen=True)
+class EvalTransform:
+    preprocess: Any  # the eval transform: PIL image -> tensor
+    image_size: int
+    config: dict  # open_clip's preprocess config, which the transform is built from
 
-    root, silent = logging.getLogger(), lambda record: False
-    root.addFilter(silent)  # open_clip would log "No pretrained weights loaded ..." on the root logger
+
+def eval_transform(
+    arch: str, pretrained: str | Path | None = None, config_dir: Path | None = None
+) -> EvalTransform | None:
+    """The eval transform `load_clip(arch, pretrained, config_dir)` will have, without its weights:
+    open_clip resolves the architecture's config and builds the model on the meta device (tens of
+    milliseconds), so a caller can start its DataLoader workers while the weights load. Nothing is
+    downloaded: a pretrained tag adds only its preprocess settings, no tower's base weights are
+    fetched, and an `hf-hub:` architecture (config and weights on the hub) gets None, as does any
+    model open_clip cannot build so. The caller compares `config` with the loaded model's."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    if arch.startswith("hf-hub:"):
+        return None
+    tag = str(pretrained) if pretrained and not Path(pretrained).is_file() else None
+    root = logging.getLogger()
+    quiet = lambda record: "open_clip" not in record.pathname  # noqa: E731 (its "no weights" lines)
+    root.addFilter(quiet)
     try:
         register_configs(config_dir)
         with torch.device("meta"):
             model = open_clip.create_model(
-                arch, pretrained=str(pretrained) if pretrained else None, load_weights=False, device="meta"
+                arch,
+                load_weights=False,
+                pretrained_text=False,
+                device="meta",
+                force_preprocess_cfg=merge_preprocess_dict({}, open_clip.get_pretrained_cfg(arch, tag))
+                if tag
+                else {},
             )
-        preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
-        return preprocess, _side(model.visual.image_size)
+        config = dict(model.visual.preprocess_cfg)
+        preprocess = image_transform_v2(PreprocessCfg(**config), is_train=False)
+        return EvalTransform(preprocess, _side(model.visual.image_size), config)
     except Exception as err:  # any model open_clip cannot build on meta: only the early start is lost
         log.debug("%s: no transform before loading its weights (%s)", arch, err)
         return None
     finally:
-        root.removeFilter(silent)
+        root.removeFilter(quiet)

@@ -1,4 +1,4 @@
-"""Image shards -> batches for the caption stage, decoded in DataLoader workers.
+"""Image shards -> batches for the caption and index stages, decoded in DataLoader workers.
 
 Each worker takes whole shards (`shards[worker::workers]`) and makes batches of one shard each (the
 shard's images in order, `batch_size` at a time; the last batch of a shard also carries its

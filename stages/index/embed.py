@@ -73,14 +73,14 @@ def vectors_path(folder: Path, model: str, unit: str) -> Path:
 
 def scan_tar(tar: Path) -> dict[str, Member]:
     """Every key's `.jpg` member: its offset and size, alt text and url, in file order. A sample
-    without a picture, or with two, is a damaged shard (the download stage writes one each)."""
+    without a picture, or with two, is a damaged shard (the download stage writes one each), and so
+    is a tar whose members end without an end-of-archive block (cut off between members, or a
+    header overwritten: tarfile would stop there without a word)."""
     found: dict[str, Member] = {}
     extras: dict[str, dict[str, str]] = {}
     try:
         with tarfile.open(tar, "r:") as archive:
-            for info in archive:
-                if not info.isfile():
-                    continue
+            for info in _members(archive, tar):
                 key, ext = split_member_name(info.name)
                 if ext == "jpg":
                     if key in found:
@@ -92,7 +92,13 @@ def scan_tar(tar: Path) -> dict[str, Member]:
                     )
                 else:
                     extras.setdefault(key, {})
-    except (tarfile.TarError, EOFError, OSError) as err:
+            end = archive.fileobj.seek(archive.offset)
+            if archive.fileobj.read(512) != bytes(512):
+                where = f"no tar header or end-of-archive block at byte {end}"
+                raise _damaged(tar, f"{where} (cut off or overwritten)")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        if isinstance(err, ShardError):
+            raise
         raise _damaged(tar, f"damaged image shard ({err})") from None
     missing = next((key for key in extras if key not in found), None)
     if missing is not None:
@@ -101,6 +107,18 @@ def scan_tar(tar: Path) -> dict[str, Member]:
         member.alt = extras.get(key, {}).get("txt", "")
         member.url = _url(extras.get(key, {}).get("json"))
     return found
+
+
+def _members(archive: tarfile.TarFile, tar: Path) -> Iterator[tarfile.TarInfo]:
+    """The regular files of the tar. A header with a negative size, or one that points back to
+    an earlier offset, would make tarfile go round in circles: a damaged shard."""
+    last = -1
+    for info in archive:
+        if info.size < 0 or info.offset <= last:
+            raise _damaged(tar, f"member {info.name!r} has a bad header (size {info.size}, at {info.offset})")
+        last = info.offset
+        if info.isfile():
+            yield info
 
 
 def _damaged(tar: Path, what: str) -> ShardError:
@@ -188,16 +206,22 @@ class _ShardOutput:
 def models_and_batches(cfg, root: Path, tars: dict[str, Path]) -> tuple[dict, Iterator[dict]]:
     """The models, and the batches of the shards. The DataLoader workers are started before the
     weights load, so they decode the first shards meanwhile, when the eval transform can be built
-    without the weights and equals the loaded first model's; otherwise they start after."""
+    without the weights and its config equals the loaded first model's; otherwise they start after."""
     from captioning.clip_models import eval_transform
     from stages.evaluate import model_checkpoint
 
     early = eval_transform(cfg.model, model_checkpoint(root, cfg.models[0]), cfg.config_dir)
-    batches = iter(_loader(cfg, tars, *early)) if early else None
-    models = load_models(cfg, root)
+    batches = iter(_loader(cfg, tars, early.preprocess, early.image_size)) if early else None
+    try:
+        models = load_models(cfg, root)
+    except BaseException:
+        batches = None  # its workers stop now, not when the traceback is collected
+        raise
     first = next(iter(models.values()))
-    if early is None or (repr(early[0]), early[1]) != (repr(first.preprocess), first.image_size):
+    loaded = (dict(first.model.visual.preprocess_cfg), first.image_size)
+    if early is None or (early.config, early.image_size) != loaded:
         log.info("index: the DataLoader starts after the models loaded (%s)", cfg.model)
+        batches = None  # the early workers stop before the new ones start
         batches = iter(_loader(cfg, tars, first.preprocess, first.image_size))
     return models, batches
 
@@ -215,30 +239,41 @@ def embed_shards(cfg, ctx: RunContext, plan: UnitPlan, tars: dict[str, Path]) ->
         remove_orphans(folder / "meta", unit)
         for entry in cfg.models:
             remove_orphans(folder / entry.name / "vectors", unit)
-    models, batches = models_and_batches(cfg, ctx.root, tars)
+    _embed(cfg, ctx, plan, *models_and_batches(cfg, ctx.root, tars), len(tars))
+
+
+def _embed(cfg, ctx: RunContext, plan: UnitPlan, models: dict, batches: Iterator[dict], shards: int) -> None:
     outputs: dict[str, _ShardOutput] = {}
-    progress = tqdm(total=len(tars), desc=f"index[{cfg.name}]", unit="shard", disable=not ctx.is_main)
-    with _Writer() as writer:
-        for batch in batches:
-            items = [item for item in batch["items"] if not item.get("end")]
-            ok = [item for item in items if item["ok"]]
-            for item in items:
-                out = outputs.setdefault(item["unit"], _ShardOutput(list(models)))
-                out.corrupt += not item["ok"]
-                out.keys += [item["key"]] if item["ok"] else []
-            if ok:
-                unit = ok[0]["unit"]
-                for name, clip in models.items():
-                    outputs[unit].vectors[name].append(clip.encode_images(batch["tensors"][0]).numpy())
-            for item in batch["items"]:
-                if item.get("end"):
-                    unit, info = item["unit"], item["info"]
-                    if isinstance(info, str):  # the worker could not read the tar: damaged
-                        raise ShardError(info)
-                    out = outputs.pop(unit, _ShardOutput(list(models)))
-                    args = (cfg, ctx, plan, unit, out, info)
-                    writer.submit(_write_shard, *args, done=lambda: progress.update(1))
+    progress = tqdm(total=shards, desc=f"index[{cfg.name}]", unit="shard", disable=not ctx.is_main)
+    try:
+        with _Writer() as writer:
+            for batch in batches:
+                _take(cfg, ctx, plan, models, batch, outputs, writer, progress)
+    finally:
+        del batches  # the loader's workers stop here, even when a kept traceback holds this frame
     progress.close()
+
+
+def _take(cfg, ctx, plan: UnitPlan, models: dict, batch: dict, outputs: dict, writer, progress) -> None:
+    """One batch: its vectors from every model; a shard's end item hands the shard to the writer."""
+    items = [item for item in batch["items"] if not item.get("end")]
+    ok = [item for item in items if item["ok"]]
+    for item in items:
+        out = outputs.setdefault(item["unit"], _ShardOutput(list(models)))
+        out.corrupt += not item["ok"]
+        out.keys += [item["key"]] if item["ok"] else []
+    if ok:
+        unit = ok[0]["unit"]
+        for name, clip in models.items():
+            outputs[unit].vectors[name].append(clip.encode_images(batch["tensors"][0]).numpy())
+    for item in batch["items"]:
+        if item.get("end"):
+            unit, info = item["unit"], item["info"]
+            if isinstance(info, str):  # the worker could not read the tar: damaged
+                raise ShardError(info)
+            out = outputs.pop(unit, _ShardOutput(list(models)))
+            args = (cfg, ctx, plan, unit, out, info)
+            writer.submit(_write_shard, *args, done=lambda: progress.update(1))
 
 
 class _Writer:
