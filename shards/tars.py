@@ -11,7 +11,7 @@ import io
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from shards.atomic import commit_tmp, tmp_path_for
 from shards.identity import remember_sha256, sha256_of
@@ -30,14 +30,26 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext
 
 
+def file_members(archive: tarfile.TarFile, path: Path) -> Iterator[tarfile.TarInfo]:
+    """The tar's regular files in order. A header with a negative size, or one that points back to
+    an earlier offset, raises TruncatedTarError: tarfile would go round in circles on it."""
+    last = -1
+    for member in archive:
+        if member.size < 0 or member.offset <= last:
+            raise TruncatedTarError(
+                f"{path}: member {member.name!r} has a bad header (size {member.size}, at {member.offset})"
+            )
+        last = member.offset
+        if member.isfile():
+            yield member
+
+
 def read_tar_samples(path: Path) -> "OrderedDict[str, dict[str, bytes]]":
     """All samples of a tar, grouped by key in file order; raises TruncatedTarError if cut off."""
     samples: OrderedDict[str, dict[str, bytes]] = OrderedDict()
     try:
         with tarfile.open(path, "r:") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
+            for member in file_members(archive, path):
                 key, ext = split_member_name(member.name)
                 data = archive.extractfile(member).read()
                 if len(data) != member.size:
@@ -56,9 +68,8 @@ def tar_keys(path: Path) -> list[str]:
         if Path(path).stat().st_size % tarfile.BLOCKSIZE:  # tarfile reads a cut header as the end
             raise tarfile.ReadError(f"size is not a multiple of {tarfile.BLOCKSIZE} bytes: cut off")
         with tarfile.open(path, "r:") as archive:
-            for member in archive:
-                if member.isfile():
-                    keys.setdefault(split_member_name(member.name)[0])
+            for member in file_members(archive, path):
+                keys.setdefault(split_member_name(member.name)[0])
     except (tarfile.TarError, EOFError, OSError) as err:
         raise TruncatedTarError(f"{path}: unreadable tar ({err})") from err
     return list(keys)

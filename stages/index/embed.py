@@ -31,7 +31,7 @@ from tqdm import tqdm
 from shards.atomic import atomic_write, remove_orphans
 from shards.captions import ALT_TEXT, CaptionShardError, read_caption_shard
 from shards.tables import write_parquet_atomic
-from shards.tars import split_member_name
+from shards.tars import TruncatedTarError, file_members, split_member_name
 from stages.base import RunContext, UnitPlan
 from stages.errors import ShardError, StageConfigError
 from stages.layout import RunLayout
@@ -80,7 +80,7 @@ def scan_tar(tar: Path) -> dict[str, Member]:
     extras: dict[str, dict[str, str]] = {}
     try:
         with tarfile.open(tar, "r:") as archive:
-            for info in _members(archive, tar):
+            for info in file_members(archive, tar):
                 key, ext = split_member_name(info.name)
                 if ext == "jpg":
                     if key in found:
@@ -96,6 +96,8 @@ def scan_tar(tar: Path) -> dict[str, Member]:
             if archive.fileobj.read(512) != bytes(512):
                 where = f"no tar header or end-of-archive block at byte {end}"
                 raise _damaged(tar, f"{where} (cut off or overwritten)")
+    except TruncatedTarError as err:
+        raise _damaged(tar, str(err).removeprefix(f"{tar}: ")) from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as err:
         if isinstance(err, ShardError):
             raise
@@ -107,18 +109,6 @@ def scan_tar(tar: Path) -> dict[str, Member]:
         member.alt = extras.get(key, {}).get("txt", "")
         member.url = _url(extras.get(key, {}).get("json"))
     return found
-
-
-def _members(archive: tarfile.TarFile, tar: Path) -> Iterator[tarfile.TarInfo]:
-    """The regular files of the tar. A header with a negative size, or one that points back to
-    an earlier offset, would make tarfile go round in circles: a damaged shard."""
-    last = -1
-    for info in archive:
-        if info.size < 0 or info.offset <= last:
-            raise _damaged(tar, f"member {info.name!r} has a bad header (size {info.size}, at {info.offset})")
-        last = info.offset
-        if info.isfile():
-            yield info
 
 
 def _damaged(tar: Path, what: str) -> ShardError:

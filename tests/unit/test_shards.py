@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,7 +18,7 @@ from shards.index import write_shard_index
 from shards.naming import list_shards, rank_split, shard_name
 from shards.reader import iter_samples
 from shards.tables import TableError, read_table
-from shards.tars import TruncatedTarError, read_tar_samples, write_tar_atomic
+from shards.tars import TruncatedTarError, read_tar_samples, tar_keys, write_tar_atomic
 
 
 def test_shard_names_sort_numerically():
@@ -196,3 +198,19 @@ def test_a_marker_that_is_not_a_marker_of_its_unit_names_its_file(tmp_path, cont
     assert str(err.value).startswith(f"{markers.marker_path(tmp_path, '000003')}: ") and problem in str(
         err.value
     )
+
+
+def test_a_header_with_a_negative_size_is_refused_not_followed_round_in_circles(tmp_path):
+    """tarfile takes a pax `size=-512` and jumps back to an earlier header, for ever."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name in ("000.jpg", "001.txt", "001.jpg"):
+            info = tarfile.TarInfo(name)
+            info.size, info.pax_headers = 600, {"size": "-512"} if name == "001.txt" else {}
+            archive.addfile(info, io.BytesIO(b"x" * 600))
+    path = tmp_path / "hostile.tar"
+    path.write_bytes(out.getvalue())
+    reason = r"hostile.tar: member '001.txt' has a bad header \(size -512"
+    for read in (tar_keys, read_tar_samples):
+        with pytest.raises(TruncatedTarError, match=reason):
+            read(path)
