@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from shards.atomic import atomic_write
+from shards.atomic import atomic_write, remove_orphans
 from shards.marker_view import KEY_COLUMNS, SLIM, MarkerView, SummaryTable
 from shards.markers import DONE_DIR, OUTPUTS, read_marker
 
@@ -188,6 +188,7 @@ def _store(summary: Path, old: SummaryTable, dropped: set[int], fresh: list[pa.T
     stored = _memory[str(summary)] = SummaryTable(table)
     try:
         Path(summary).with_suffix(".json").unlink(missing_ok=True)  # version 2's summary, in JSON
+        remove_orphans(Path(summary).parent, Path(summary).name)  # a write a kill cut short
         with atomic_write(summary) as handle, pa.ipc.new_file(handle, SCHEMA) as writer:
             writer.write_table(table)
     except OSError as err:  # a read-only run root only costs speed

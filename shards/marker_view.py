@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shards import markers
-from shards.atomic import write_text_atomic
+from shards.atomic import remove_orphans, write_text_atomic
 from shards.markers import OUTPUTS, read_marker
 
 log = logging.getLogger(__name__)
@@ -318,6 +318,7 @@ def merged(
         return cache[digest]
     counts = merge_counts(Markers(found))
     try:  # one entry per merge (a stage's `status`, its finish): a few at most
+        remove_orphans(found.counts_file.parent, found.counts_file.name)  # a write a kill cut short
         write_text_atomic(found.counts_file, json.dumps({**dict(list(cache.items())[-3:]), digest: counts}))
     except (OSError, TypeError, ValueError) as err:  # only a cache
         log.debug("%s: not written (%s)", found.counts_file, err)

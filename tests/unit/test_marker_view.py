@@ -159,3 +159,22 @@ def test_values_beyond_int64_are_not_recorded_and_inodes_fit(tmp_path):
     assert _answers(read_markers(tmp_path, UNITS[:3], tmp_path), tmp_path, fingerprint) == direct
     assert "000001" in direct[1]
     assert marker_summary._signed(2**64 - 1) == -1 and marker_summary._signed(5) == 5
+
+
+def test_a_summary_or_counts_write_cut_short_by_a_kill_is_cleaned_by_the_next(tmp_path):
+    fingerprint = _stage(tmp_path)
+
+    def merged_now():
+        _fresh_process()
+        view = marker_view.with_fingerprint(read_markers(tmp_path, UNITS, tmp_path), fingerprint)
+        return marker_view.merged(view, sum_counts)
+
+    merged_now()
+    written = sorted(tmp_path.rglob("*.arrow")) + sorted(tmp_path.rglob("*.counts.json"))
+    assert len(written) == 2
+    orphans = [path.parent / f".{path.name}.0123abcd.tmp" for path in written]
+    for orphan in orphans:
+        orphan.write_bytes(b"cut short")
+    markers.remove_marker(tmp_path, "000010")  # the next read writes both again
+    merged_now()
+    assert not any(orphan.exists() for orphan in orphans) and all(path.exists() for path in written)
