@@ -31,8 +31,10 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def file_members(archive: tarfile.TarFile, path: Path) -> Iterator[tarfile.TarInfo]:
-    """The tar's regular files in order. A header with a negative size, or one that points back to
-    an earlier offset, raises TruncatedTarError: tarfile would go round in circles on it."""
+    """The tar's regular files in order, for a tar opened "r:". Raises TruncatedTarError for a
+    header with a negative size, or one that points back to an earlier offset (tarfile would go
+    round in circles on it), and when the members end without an end-of-archive block: a tar cut
+    off between members, or with a header overwritten, where tarfile stops without a word."""
     last = -1
     for member in archive:
         if member.size < 0 or member.offset <= last:
@@ -42,6 +44,11 @@ def file_members(archive: tarfile.TarFile, path: Path) -> Iterator[tarfile.TarIn
         last = member.offset
         if member.isfile():
             yield member
+    end = archive.fileobj.seek(archive.offset)
+    if archive.fileobj.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+        raise TruncatedTarError(
+            f"{path}: no tar header or end-of-archive block at byte {end} (cut off or overwritten)"
+        )
 
 
 def read_tar_samples(path: Path) -> "OrderedDict[str, dict[str, bytes]]":

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from shards.captions import CaptionShardError, read_caption_shard
+from shards.tars import file_members
 from stages.errors import ShardError
 from stages.layout import RunLayout
 
@@ -79,7 +80,7 @@ def _tar_members(tar: Path) -> tuple[list[str], dict[str, tuple[int, int]], dict
     keys, jpgs, classes, alts = [], {}, {}, {}
     try:
         with tarfile.open(tar, "r:") as archive:
-            for member in archive:
+            for member in file_members(archive, tar):
                 key, _, ext = member.name.partition(".")
                 if ext == "jpg":
                     keys.append(key)

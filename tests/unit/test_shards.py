@@ -214,3 +214,16 @@ def test_a_header_with_a_negative_size_is_refused_not_followed_round_in_circles(
     for read in (tar_keys, read_tar_samples):
         with pytest.raises(TruncatedTarError, match=reason):
             read(path)
+
+
+def test_a_tar_cut_between_members_is_refused_though_tarfile_reads_it_as_shorter(tmp_path):
+    path = tmp_path / "000000.tar"
+    write_tar_atomic(path, [(f"{n:03d}", {"jpg": b"x" * 600, "txt": b"alt"}) for n in range(3)])
+    with tarfile.open(path) as archive:
+        cut = [m for m in archive if m.name == "002.jpg"][0].offset
+    path.write_bytes(path.read_bytes()[:cut])  # a whole number of blocks: no partial header
+    for read in (tar_keys, read_tar_samples):
+        with pytest.raises(
+            TruncatedTarError, match=rf"000000.tar: no tar header or end-of-archive block at byte {cut}"
+        ):
+            read(path)
