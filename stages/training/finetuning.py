@@ -26,7 +26,7 @@ from stages.training.setup import (
     engine_for,
     finish_training,
     global_batch_plan,
-    verify_across_ranks,
+    verified_units,
 )
 
 log = logging.getLogger(__name__)
@@ -105,12 +105,7 @@ def _class_count(root) -> int:
 
 
 def _dataset(cfg, ctx: RunContext, clip, engine) -> CaptionedImages:
-    layout = RunLayout(ctx.root)
-    images = layout.downloaded()
-    verify_across_ranks(images, images.units, engine)
-    units = images.units
-    if cfg.loss == "mcip":
-        verify_across_ranks(layout.captioned(cfg.captions), units, engine)
+    units = verified_units(ctx.root, cfg.captions if cfg.loss == "mcip" else None, engine)
     refs = index_samples(ctx.root, units, cfg.captions if cfg.loss == "mcip" else None)
     unlabelled = next((r for r in refs if r.cls < 0), None)
     if unlabelled is not None:

@@ -39,7 +39,7 @@ from stages.training.setup import (
     engine_for,
     finish_training,
     global_batch_plan,
-    verify_across_ranks,
+    verified_units,
 )
 
 log = logging.getLogger(__name__)
@@ -57,13 +57,8 @@ def train(cfg, ctx: RunContext, plan: UnitPlan) -> None:
     clip = build_model(arch, str(source), config_dir, str(engine.device))
     # before the image embeddings: a bad unlocked_layers or a sigmoid loss without logit_bias fails at once
     freeze_for_realign(clip.model, cfg.unlocked_layers, train_logit_bias=cfg.loss == "siglip")
-    layout = RunLayout(ctx.root)
-    images = layout.downloaded()
-    verify_across_ranks(images, images.units, engine)
-    units = images.units
     alt_text = cfg.captions == ALT_TEXT
-    if not alt_text:
-        verify_across_ranks(layout.captioned(cfg.captions), units, engine)
+    units = verified_units(ctx.root, None if alt_text else cfg.captions, engine)
     refs = index_samples(ctx.root, units, None if alt_text else cfg.captions)
     embeddings = image_embeddings(cfg, ctx, clip, refs, units, engine, source)
     texts = [r.alt_text if alt_text else (r.captions[0] if r.captions else "") for r in refs]

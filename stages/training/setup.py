@@ -120,6 +120,17 @@ def verify_across_ranks(stage: CompleteStage, units: list[str], engine) -> None:
         raise ShardError(f"{stage.label}: rank {first} found damaged units (its log names them)")
 
 
+def verified_units(root: Path, captions: str | None, engine) -> list[str]:
+    """The downloaded units, once the image shards and (when `captions` is given) that caption set
+    have passed the full check, shared out across the ranks (`verify_across_ranks`)."""
+    layout = RunLayout(root)
+    images = layout.downloaded()
+    verify_across_ranks(images, images.units, engine)
+    if captions is not None:
+        verify_across_ranks(layout.captioned(captions), images.units, engine)
+    return images.units
+
+
 def drop_stale_checkpoints(out: Path, fingerprint: str, ctx: RunContext, engine) -> None:
     """With --force, rank 0 removes before resuming the checkpoints made with other settings and the
     ones that cannot be used: meta.json not valid, or a file it lists missing or of another size."""
