@@ -91,11 +91,11 @@ def scan_tar(tar: Path) -> dict[str, Member]:
                     )
                 else:
                     extras.setdefault(key, {})
+    except ShardError:  # ours, from inside the loop: already the one line
+        raise
     except TruncatedTarError as err:
         raise _damaged(tar, str(err).removeprefix(f"{tar}: ")) from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-        if isinstance(err, ShardError):
-            raise
         raise _damaged(tar, f"damaged image shard ({err})") from None
     missing = next((key for key in extras if key not in found), None)
     if missing is not None:
